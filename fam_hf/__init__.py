@@ -1,0 +1,23 @@
+"""fam_hf: Relative Flatness Aware Minimization (FAM) as a one-line change to a transformers Trainer."""
+
+from .config import FAMTrainingArguments
+from .flatness import flatness_sum, inputs_for_gradient, relative_flatness
+from .head import find_head
+from .measure import FlatnessReport, measure_relative_flatness
+from .probe import FlatnessProbe
+from .trainer import FAMMixin, FAMTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FAMMixin",
+    "FAMTrainer",
+    "FAMTrainingArguments",
+    "FlatnessProbe",
+    "FlatnessReport",
+    "find_head",
+    "flatness_sum",
+    "inputs_for_gradient",
+    "measure_relative_flatness",
+    "relative_flatness",
+]

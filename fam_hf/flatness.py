@@ -1,0 +1,254 @@
+"""Relative flatness of a linear head, computed exactly from what passes through it, never from a Hessian.
+
+For a head ``z = W phi + b`` and a batch loss ``L`` that is a mean of per-row terms, the neuron-wise relative
+flatness is ``kappa = sum_{s,s'} <w_s, w_s'> Tr(H_{s,s'})``. Because ``z`` is linear in ``W`` the Hessian blocks
+factor through the logits, ``kappa = sum_i ||phi_i||^2 <W W^T, G_i>`` with ``G_i`` the Hessian of the loss with
+respect to row ``i``'s logits. Cross-entropy, MSE and BCE have closed forms for ``<W W^T, G_i>``; any other
+loss gets ``G_i`` from autograd in logit space (an m x m matrix per row, m the number of outputs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+LOSSES = ("cross_entropy", "mse", "bce")
+GRADIENT_MODES = ("full", "head", "weights")
+
+LossFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+class FlatnessSum(NamedTuple):
+    """Relative-flatness terms of one batch, before the loss's mean: ``kappa = total / rows``."""
+
+    total: torch.Tensor
+    rows: torch.Tensor
+
+
+def relative_flatness(
+    weight: torch.Tensor,
+    features: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    loss: str | LossFn = "cross_entropy",
+    ignore_index: int = -100,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Return the relative flatness ``kappa`` of a linear head as a differentiable scalar.
+
+    Args:
+        weight: the head's (effective) weight, shape ``(m, d)``.
+        features: the head's input ``phi``, shape ``(..., d)``; leading dimensions are flattened into rows.
+        logits: the head's output ``features @ weight.T + bias``, shape ``(..., m)``.
+        labels: targets. Class indices ``(...)`` or soft targets ``(..., m)`` for cross-entropy; only rows
+            whose index differs from ``ignore_index`` count. Unused by the MSE and BCE closed forms.
+        loss: ``"cross_entropy"`` (mean over non-ignored rows; label smoothing and soft targets share its
+            Hessian), ``"mse"`` or ``"bce"`` (with logits, mean over all elements), or a callable
+            ``(logits, labels) -> scalar`` that is a sum of per-row terms. A callable receives the flattened
+            ``(N, m)`` logits and labels with the same leading dimensions flattened, and is differentiated
+            twice in logit space only.
+        ignore_index: target value that cross-entropy ignores.
+        normalize: divide by ``d``, the "normalized trace" of the authors' code.
+
+    Gradients flow into every input that requires them, which is the exact gradient of ``kappa``; see
+    :func:`inputs_for_gradient` for the cheaper modes that hold parts of it constant.
+    """
+    if callable(loss):
+        kappa = _autograd_flatness(weight, features, logits, labels, loss)
+    else:
+        total, rows = flatness_sum(weight, features, logits, labels, loss=loss, ignore_index=ignore_index)
+        kappa = total / rows.clamp_min(1)
+    return kappa / weight.shape[-1] if normalize else kappa
+
+
+def flatness_sum(
+    weight: torch.Tensor,
+    features: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    loss: str = "cross_entropy",
+    ignore_index: int = -100,
+) -> FlatnessSum:
+    """Return the per-row terms of ``kappa`` summed over the rows the loss counts, and how many rows count.
+
+    The split lets a caller normalize the sum the way its task loss is normalized (for example by the number
+    of targets in a whole accumulated batch) instead of by this batch's own row count.
+    """
+    if loss not in LOSSES:
+        raise ValueError(
+            f"Unknown loss {loss!r} for relative flatness: use one of {LOSSES} or pass a callable "
+            "(logits, labels) -> scalar loss that is a sum of per-row terms."
+        )
+    _check_shapes(weight, features, logits)
+    with _float32_math(logits):
+        weight32 = _upcast(weight)
+        features32 = _upcast(features).reshape(-1, weight.shape[-1])
+        logits32 = _upcast(logits).reshape(-1, weight.shape[0])
+        feature_norms = features32.pow(2).sum(-1)
+        row_norms = weight32.pow(2).sum(-1)
+        width = logits32.shape[-1]
+        mask = None
+        if loss == "cross_entropy":
+            curvature = _softmax_curvature(weight32, row_norms, logits32)
+            mask = _counted_rows(labels, logits32, ignore_index)
+        elif loss == "mse":
+            curvature = (2.0 / width) * row_norms.sum().expand(logits32.shape[0])
+        else:
+            probs = torch.sigmoid(logits32)
+            curvature = (probs * (1 - probs)) @ row_norms / width
+        terms = feature_norms * curvature
+        if mask is None:
+            return FlatnessSum(terms.sum(), torch.tensor(terms.shape[0], device=terms.device))
+        return FlatnessSum((terms * mask).sum(), mask.sum())
+
+
+def _softmax_curvature(weight: torch.Tensor, row_norms: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Return ``<W W^T, diag(p) - p p^T>`` per row: the variance of the head's rows under the softmax.
+
+    Centred on each row's most likely class so that a confident prediction (p near one-hot) does not turn the
+    variance into the difference of two nearly equal numbers: every term below is of the order of ``1 - p_top``.
+    """
+    probs = torch.softmax(logits, dim=-1)
+    top = probs.detach().argmax(-1)
+    rest = probs.scatter(-1, top.unsqueeze(-1), 0.0)
+    rest_mass = rest.sum(-1)
+    rest_mean = rest @ weight
+    top_row = weight[top]
+    spread = rest @ row_norms - 2 * (top_row * rest_mean).sum(-1) + rest_mass * row_norms[top]
+    return spread - (rest_mean - rest_mass.unsqueeze(-1) * top_row).pow(2).sum(-1)
+
+
+def _counted_rows(labels: torch.Tensor | None, logits: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Return a 0/1 float mask of the rows cross-entropy averages over."""
+    rows = logits.shape[0]
+    if labels is None or labels.is_floating_point():
+        return torch.ones(rows, dtype=logits.dtype, device=logits.device)
+    flat = labels.reshape(-1)
+    if flat.shape[0] != rows:
+        raise ValueError(f"labels give {flat.shape[0]} targets for {rows} rows of logits.")
+    return (flat != ignore_index).to(logits.dtype)
+
+
+def _autograd_flatness(
+    weight: torch.Tensor,
+    features: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    loss_fn: LossFn,
+) -> torch.Tensor:
+    """Return ``kappa`` for an arbitrary per-row loss from its Hessian in logit space (m x m per row)."""
+    _check_shapes(weight, features, logits)
+    width, dim = weight.shape
+    with _float32_math(logits):
+        features32 = _upcast(features).reshape(-1, dim)
+        logits32 = _upcast(logits).reshape(-1, width)
+        if labels is not None and labels.shape[: logits.dim() - 1] == logits.shape[:-1]:
+            labels = labels.reshape(logits32.shape[0], *labels.shape[logits.dim() - 1 :])
+        differentiable = logits32.requires_grad
+        with torch.enable_grad():
+            z = logits32 if differentiable else logits32.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(loss_fn(z, labels), z, create_graph=True)
+            logit_hessian = _batched_jacobian(grad, z, create_graph=differentiable)
+        gram = _upcast(weight) @ _upcast(weight).T
+        curvature = (logit_hessian * gram).sum((-2, -1))
+        return (features32.pow(2).sum(-1) * curvature).sum()
+
+
+def _batched_jacobian(grad: torch.Tensor, z: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    """Return ``J[i, s, k] = d grad[i, s] / d z[i, k]`` for a loss that is a sum of per-row terms."""
+    width = z.shape[-1]
+    if not grad.requires_grad:  # the loss is linear in the logits
+        return torch.zeros(z.shape[0], width, width, dtype=z.dtype, device=z.device)
+    basis = torch.eye(width, dtype=z.dtype, device=z.device).unsqueeze(1).expand(width, *z.shape)
+    try:
+        (columns,) = torch.autograd.grad(
+            grad, z, grad_outputs=basis, is_grads_batched=True, create_graph=create_graph, allow_unused=True
+        )
+    except RuntimeError:  # an op without a batching rule: one Hessian-vector product per output
+        columns = torch.stack(
+            [
+                torch.autograd.grad(grad, z, grad_outputs=basis[s], retain_graph=True, create_graph=create_graph)[0]
+                for s in range(width)
+            ]
+        )
+    if columns is None:
+        return torch.zeros(z.shape[0], width, width, dtype=z.dtype, device=z.device)
+    return columns.transpose(0, 1)
+
+
+def inputs_for_gradient(
+    mode: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    features: torch.Tensor,
+    logits: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(weight, features, logits)`` detached so that ``kappa``'s gradient trains what ``mode`` names.
+
+    - ``"full"``: nothing is held: the exact gradient, into the head and through the features and the
+      predictions into the backbone.
+    - ``"head"``: the features are held constant; the logits stay a function of the head's weight and bias,
+      so the gradient is exact with respect to the head's own parameters and never reaches the backbone.
+    - ``"weights"``: the traces ``Tr(H_{s,s'})`` are held constant, as in the authors' code; the gradient is
+      ``2 T W``, a data-dependent decay of the head's weight.
+    """
+    if mode == "full":
+        return weight, features, logits
+    if mode == "head":
+        held = features.detach()
+        return weight, held, _HeadLogits.apply(logits.detach(), held, weight, bias)
+    if mode == "weights":
+        return weight, features.detach(), logits.detach()
+    raise ValueError(f"Unknown fam_gradient {mode!r}: use one of {GRADIENT_MODES}.")
+
+
+class _HeadLogits(torch.autograd.Function):
+    """The head's logits as a function of its weight and bias only, without recomputing the forward pass."""
+
+    @staticmethod
+    def forward(ctx, logits, features, weight, bias):  # noqa: D102 - autograd protocol
+        ctx.save_for_backward(features)
+        ctx.has_bias = bias is not None
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102 - autograd protocol
+        (features,) = ctx.saved_tensors
+        grad_rows = grad.reshape(-1, grad.shape[-1])
+        feature_rows = features.reshape(-1, features.shape[-1]).to(grad_rows.dtype)
+        grad_weight = grad_rows.T @ feature_rows
+        grad_bias = grad_rows.sum(0) if ctx.has_bias else None
+        return None, None, grad_weight, grad_bias
+
+
+def _check_shapes(weight: torch.Tensor, features: torch.Tensor, logits: torch.Tensor) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (outputs, features); got shape {tuple(weight.shape)}.")
+    width, dim = weight.shape
+    if features.shape[-1] != dim or logits.shape[-1] != width:
+        raise ValueError(
+            f"Shapes do not form a linear head: weight {tuple(weight.shape)}, features {tuple(features.shape)}, "
+            f"logits {tuple(logits.shape)}; expected features (..., {dim}) and logits (..., {width})."
+        )
+    if features.shape[:-1].numel() != logits.shape[:-1].numel():
+        raise ValueError(
+            f"features {tuple(features.shape)} and logits {tuple(logits.shape)} have different numbers of rows."
+        )
+
+
+def _upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """Return ``tensor`` in float32 if it is in a half precision, otherwise unchanged (float64 stays float64)."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def _float32_math(reference: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Switch autocast off so the reductions run in float32 even inside a bf16/fp16 forward pass."""
+    device_type = reference.device.type
+    if device_type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()

@@ -1,0 +1,130 @@
+"""Watching the head during a forward pass and turning what passes through it into relative-flatness terms.
+
+The penalty is computed inside the head's forward hook, while the weight that produced the logits is whole
+(under FSDP2 or ZeRO-3 it is resharded right after), and the scalar is kept for the trainer to add to the loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .flatness import FlatnessSum, flatness_sum, inputs_for_gradient
+from .head import find_head, linear_weight
+from .rows import IGNORE_INDEX, HeadTask
+
+
+@dataclass
+class BatchFlatness:
+    """What one forward pass says about the head: ``kappa = flatness.total / flatness.rows``.
+
+    ``task_loss`` is the sum over the same rows of the plain loss, and ``correct`` the number of rows whose
+    arg-max matches a class label; both are filled only when asked for (``with_task=True``).
+    """
+
+    flatness: FlatnessSum
+    loss: str
+    task_loss: torch.Tensor | None = None
+    correct: torch.Tensor | None = None
+
+
+class FlatnessProbe:
+    """Finds a model's head and measures the relative flatness of every batch that runs through it.
+
+    Use :meth:`watch` around a forward pass; the result appears on the yielded list once the head has run.
+    ``gradient`` is a mode of :func:`fam_hf.flatness.inputs_for_gradient`, or ``None`` to measure without a
+    graph. ``normalize`` divides by the head's input width; ``loss`` fixes the loss instead of following the model.
+    """
+
+    def __init__(
+        self, model: nn.Module, head: str | None = None, loss: str | None = None, normalize: bool = False
+    ) -> None:
+        self.head_name, self.head = find_head(model, head)
+        self.normalize = normalize
+        linear_weight(self.head)  # fail now, with a clear message, if the head is not linear
+        self.task = HeadTask.from_model(model, loss=loss)
+        self._request: dict[str, Any] | None = None
+        self._handle = self.head.register_forward_hook(self._on_forward, prepend=True)
+
+    def remove(self) -> None:
+        """Detach the hook from the head."""
+        self._handle.remove()
+
+    @contextlib.contextmanager
+    def watch(
+        self,
+        inputs: dict[str, Any],
+        labels: torch.Tensor | None,
+        gradient: str | None,
+        with_task: bool = False,
+    ) -> Iterator[list[BatchFlatness]]:
+        """Measure the next forward pass of the head; yields a list that then holds one :class:`BatchFlatness`."""
+        results: list[BatchFlatness] = []
+        self._request = {
+            "inputs": inputs,
+            "labels": labels,
+            "gradient": gradient,
+            "with_task": with_task,
+            "results": results,
+        }
+        try:
+            yield results
+        finally:
+            self._request = None
+
+    def _on_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        request = self._request
+        if request is None:
+            return
+        if request["results"]:
+            raise RuntimeError(
+                f"The head {self.head_name!r} ran more than once in one forward pass, so its rows cannot be matched "
+                "to the labels. Set fam_layer to a layer that runs once per forward pass."
+            )
+        features = args[0] if args else None
+        logits = output[0] if isinstance(output, tuple) else output
+        if not isinstance(features, torch.Tensor) or not isinstance(logits, torch.Tensor):
+            raise ValueError(f"The head {self.head_name!r} did not take and return tensors; name another fam_layer.")
+        weight, bias = linear_weight(module)
+        grad_context = contextlib.nullcontext() if request["gradient"] else torch.no_grad()
+        with grad_context:
+            request["results"].append(self._measure(weight, bias, features, logits, request))
+
+    def _measure(self, weight, bias, features, logits, request) -> BatchFlatness:
+        features, logits, labels = self.task.select(features, logits, request["inputs"], request["labels"])
+        loss = self.task.loss_for(labels)
+        if request["gradient"]:
+            weight, features, logits = inputs_for_gradient(request["gradient"], weight, bias, features, logits)
+        else:
+            weight, features, logits = weight.detach(), features.detach(), logits.detach()
+        flatness = flatness_sum(weight, features, logits, labels, loss=loss)
+        if self.normalize:
+            flatness = FlatnessSum(flatness.total / weight.shape[-1], flatness.rows)
+        result = BatchFlatness(flatness, loss)
+        if request["with_task"] and labels is not None:
+            result.task_loss, result.correct = _task_sums(logits.detach(), labels, loss)
+        return result
+
+
+def _task_sums(logits: torch.Tensor, labels: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Return the un-averaged task loss over the counted rows and, for hard labels, the number of correct rows."""
+    rows = logits.float().reshape(-1, logits.shape[-1])
+    if loss == "cross_entropy":
+        if labels.is_floating_point():
+            targets = labels.float().reshape(rows.shape)
+            return F.cross_entropy(rows, targets, reduction="sum"), None
+        targets = labels.reshape(-1)
+        total = F.cross_entropy(rows, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        counted = targets != IGNORE_INDEX
+        return total, (rows.argmax(-1).eq(targets) & counted).sum()
+    targets = labels.float().reshape(rows.shape)
+    if loss == "mse":
+        return F.mse_loss(rows, targets, reduction="sum") / rows.shape[-1], None
+    total = F.binary_cross_entropy_with_logits(rows, targets, reduction="sum") / rows.shape[-1]
+    return total, ((rows > 0) == (targets > 0.5)).all(-1).sum()
