@@ -196,7 +196,8 @@ class FAMMixin:
     @staticmethod
     def _fam_accumulate(sums: dict[str, torch.Tensor], **values: torch.Tensor) -> None:
         for key, value in values.items():
-            value = value.detach().float()
+            value = value.detach()
+            value = value if value.dtype == torch.float64 else value.float()
             sums[key] = sums[key] + value if key in sums else value
 
     # ---- logging, evaluation and checkpoints -------------------------------------------------------------------

@@ -1,0 +1,166 @@
+"""relative_flatness against the brute-force Hessian, in values and gradients, for every loss and mode."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fam_hf import inputs_for_gradient, relative_flatness
+from fam_hf.reference import hessian_relative_flatness
+
+ROWS, DIM, WIDTH = 7, 5, 4
+
+
+def _grads(value, inputs):
+    grads = torch.autograd.grad(value, inputs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+
+
+def _assert_rel(actual, expected, tol=1e-8):
+    actual, expected = actual.detach(), expected.detach()
+    scale = max(float(expected.abs().max()), 1e-12)
+    assert float((actual - expected).abs().max()) <= tol * scale, (actual, expected)
+
+
+def _problem(loss, seed=0, leading=(ROWS,)):
+    generator = torch.Generator().manual_seed(seed)
+    f64 = dict(generator=generator, dtype=torch.float64)
+    weight = torch.randn(WIDTH, DIM, **f64).requires_grad_()
+    bias = torch.randn(WIDTH, **f64).requires_grad_()
+    features = torch.randn(*leading, DIM, **f64).requires_grad_()
+    if loss == "cross_entropy":
+        labels = torch.randint(0, WIDTH, leading, generator=generator)
+        labels.view(-1)[1] = -100
+    else:
+        labels = torch.rand(*leading, WIDTH, **f64)
+    return weight, bias, features, labels
+
+
+CALLABLES = {
+    "cross_entropy": lambda z, y: F.cross_entropy(z, y),
+    "mse": F.mse_loss,
+    "bce": F.binary_cross_entropy_with_logits,
+}
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce"])
+@pytest.mark.parametrize("as_callable", [False, True], ids=["closed_form", "logit_autograd"])
+def test_value_and_gradient_match_brute_force_hessian(loss, as_callable):
+    weight, bias, features, labels = _problem(loss)
+    brute = hessian_relative_flatness(weight, features, labels, bias, loss=loss)
+    expected_grads = _grads(brute, (weight, bias, features))
+    logits = features @ weight.T + bias
+    kappa = relative_flatness(weight, features, logits, labels, loss=CALLABLES[loss] if as_callable else loss)
+    _assert_rel(kappa, brute)
+    for actual, expected in zip(_grads(kappa, (weight, bias, features)), expected_grads):
+        _assert_rel(actual, expected)
+
+
+def test_leading_dimensions_are_flattened_into_rows():
+    weight, bias, features, labels = _problem("cross_entropy", leading=(2, 3))
+    logits = features @ weight.T + bias
+    flat = relative_flatness(weight, features.reshape(6, DIM), logits.reshape(6, WIDTH), labels.reshape(6))
+    _assert_rel(relative_flatness(weight, features, logits, labels), flat, tol=1e-14)
+
+
+def test_soft_targets_and_label_smoothing_share_the_hard_label_hessian():
+    weight, bias, features, labels = _problem("cross_entropy")
+    labels[1] = 0
+    logits = features @ weight.T + bias
+    soft = F.one_hot(labels, WIDTH).double() * 0.9 + 0.1 / WIDTH
+    smoothed = hessian_relative_flatness(weight, features, soft, bias, loss="cross_entropy")
+    _assert_rel(relative_flatness(weight, features, logits, soft), smoothed)
+    _assert_rel(relative_flatness(weight, features, logits, labels), smoothed)
+
+
+def test_ignored_rows_do_not_count():
+    weight, bias, features, labels = _problem("cross_entropy")
+    logits = features @ weight.T + bias
+    keep = labels != -100
+    kept = relative_flatness(weight, features[keep], logits[keep], labels[keep])
+    _assert_rel(relative_flatness(weight, features, logits, labels), kept, tol=1e-14)
+    assert relative_flatness(weight, features, logits, torch.full_like(labels, -100)) == 0
+
+
+def test_normalize_divides_by_input_width():
+    weight, bias, features, labels = _problem("cross_entropy")
+    logits = features @ weight.T + bias
+    plain = relative_flatness(weight, features, logits, labels)
+    _assert_rel(relative_flatness(weight, features, logits, labels, normalize=True), plain / DIM, tol=1e-14)
+
+
+@pytest.mark.parametrize("scale", [0.1, 7.0])
+def test_invariant_to_rescaling_head_against_features(scale):
+    weight, bias, features, labels = _problem("cross_entropy")
+    logits = features @ weight.T + bias
+    kappa = relative_flatness(weight, features, logits, labels)
+    rescaled = relative_flatness(weight * scale, features / scale, logits, labels)
+    _assert_rel(rescaled, kappa, tol=1e-12)
+    # the plain Hessian trace, which ignores the weights, is not invariant: the setting is a real test
+    def hessian_trace(w, phi):
+        hessian = torch.func.hessian(lambda w_: F.cross_entropy(phi @ w_.T + bias, labels))(w.detach())
+        return float(torch.einsum("sdsd->", hessian))
+
+    plain, moved = hessian_trace(weight, features), hessian_trace(weight * scale, features / scale)
+    assert abs(moved - plain) > 0.5 * min(abs(moved), abs(plain))
+
+
+def test_confident_predictions_stay_accurate_in_float32():
+    weight, bias, features, labels = _problem("cross_entropy")
+    logits64 = (features @ weight.T + bias).detach() * 12  # p_top within ~1e-9 of one for most rows
+    exact = relative_flatness(weight.detach(), features.detach(), logits64, labels)
+    single = relative_flatness(weight.detach().float(), features.detach().float(), logits64.float(), labels)
+    assert float(exact) > 0
+    assert abs(float(single) - float(exact)) <= 1e-4 * float(exact)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce"])
+def test_head_mode_is_exact_for_head_parameters_and_stops_at_features(loss):
+    weight, bias, features, labels = _problem(loss)
+    brute = hessian_relative_flatness(weight, features.detach(), labels, bias, loss=loss)
+    expected = _grads(brute, (weight, bias))
+    logits = features @ weight.T + bias
+    kappa = relative_flatness(*inputs_for_gradient("head", weight, bias, features, logits), labels, loss=loss)
+    actual = _grads(kappa, (weight, bias, features))
+    _assert_rel(actual[0], expected[0])
+    _assert_rel(actual[1], expected[1])
+    assert float(actual[2].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce"])
+def test_weights_mode_holds_the_traces(loss):
+    weight, bias, features, labels = _problem(loss)
+    brute = hessian_relative_flatness(weight, features.detach(), labels, bias, loss=loss, hold_traces=True)
+    (expected,) = _grads(brute, (weight,))
+    logits = features @ weight.T + bias
+    kappa = relative_flatness(*inputs_for_gradient("weights", weight, bias, features, logits), labels, loss=loss)
+    actual = _grads(kappa, (weight, bias, features))
+    _assert_rel(actual[0], expected)
+    assert float(actual[1].abs().max()) == 0.0 and float(actual[2].abs().max()) == 0.0
+
+
+def test_bf16_inputs_are_reduced_in_float32_within_1e_2():
+    weight, bias, features, labels = (t.detach().float() if t.is_floating_point() else t for t in _problem("cross_entropy"))
+    logits = features @ weight.T + bias
+    exact = relative_flatness(weight, features, logits, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = relative_flatness(weight.bfloat16(), features.bfloat16(), logits.bfloat16(), labels)
+    assert half.dtype == torch.float32
+    assert abs(float(half) - float(exact)) <= 1e-2 * float(exact)
+
+
+def test_unknown_loss_name_is_refused_with_the_choices():
+    weight, bias, features, labels = _problem("cross_entropy")
+    with pytest.raises(ValueError, match="Unknown loss 'hinge'.*cross_entropy"):
+        relative_flatness(weight, features, features @ weight.T, labels, loss="hinge")
+
+
+def test_shapes_that_are_not_a_linear_head_are_refused():
+    weight, bias, features, labels = _problem("cross_entropy")
+    with pytest.raises(ValueError, match="do not form a linear head"):
+        relative_flatness(weight, features[:, :3], features @ weight.T, labels)
+
+
+def test_unknown_gradient_mode_is_refused():
+    weight, bias, features, _ = _problem("cross_entropy")
+    with pytest.raises(ValueError, match="fam_gradient"):
+        inputs_for_gradient("backbone", weight, bias, features, features @ weight.T)

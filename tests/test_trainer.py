@@ -1,0 +1,192 @@
+"""FAMTrainer: one SGD step equals the brute-force objective's, the plain Trainer when off, and scaling rules."""
+
+import logging
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from fam_hf import FAMTrainer, FAMTrainingArguments
+from tiny_models import (
+    as_dataset,
+    assert_updates_close,
+    batch_for,
+    build,
+    collator,
+    expected_update,
+    sgd_args,
+    snapshot,
+    updates,
+)
+
+MODELS = [
+    ("bert", "sequence"),
+    ("roberta", "sequence"),
+    ("distilbert", "sequence"),
+    ("vit", "sequence"),
+    ("gpt2", "sequence"),
+    ("llama", "causal_lm"),
+    ("bert", "tokens"),
+]
+
+
+def _train_one_step(model, batch, tmp_path, trainer_cls=FAMTrainer, **args):
+    before = snapshot(model)
+    trainer = trainer_cls(
+        model=model,
+        args=sgd_args(tmp_path, batch_size=args.pop("batch_size", len(batch["labels"])), **args),
+        train_dataset=as_dataset(batch),
+        data_collator=collator(model.dtype),
+    )
+    trainer.train()
+    return updates(before, model), trainer
+
+
+@pytest.mark.parametrize("model_type,task", MODELS, ids=[f"{m}-{t}" for m, t in MODELS])
+def test_sgd_step_equals_gradient_of_task_loss_plus_brute_force_kappa(model_type, task, tmp_path):
+    model = build(model_type, task)
+    batch = batch_for(model)
+    expected = expected_update(model, batch, fam_lambda=2.0, gradient="full")
+    without_penalty = expected_update(model, batch, fam_lambda=0.0)
+    actual, _ = _train_one_step(model, batch, tmp_path, fam_lambda=2.0, fam_gradient="full")
+    assert_updates_close(actual, expected)
+    moved = max(float((expected[n] - without_penalty[n]).abs().max()) for n in expected)
+    assert moved > 1e-4 * max(float(v.abs().max()) for v in expected.values()), "penalty too small to test"
+
+
+@pytest.mark.parametrize("gradient", ["head", "weights"])
+@pytest.mark.parametrize("model_type,task", [("bert", "sequence"), ("llama", "causal_lm")])
+def test_sgd_step_in_each_gradient_mode(model_type, task, gradient, tmp_path):
+    model = build(model_type, task)
+    batch = batch_for(model)
+    expected = expected_update(model, batch, fam_lambda=2.0, gradient=gradient)
+    actual, _ = _train_one_step(model, batch, tmp_path, fam_lambda=2.0, fam_gradient=gradient)
+    assert_updates_close(actual, expected)
+
+
+def test_tied_head_gradient_reaches_the_shared_embedding(tmp_path):
+    model = build("gpt2", "causal_lm")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    batch = batch_for(model)
+    expected = expected_update(model, batch, fam_lambda=2.0, gradient="head")
+    plain = expected_update(model, batch, fam_lambda=0.0)
+    actual, _ = _train_one_step(model, batch, tmp_path, fam_lambda=2.0, fam_gradient="head")
+    assert_updates_close(actual, expected)
+    name = "transformer.wte.weight"
+    assert float((actual[name] - plain[name]).abs().max()) > 1e-6
+
+
+def test_lambda_zero_is_the_plain_trainer_bit_for_bit(tmp_path):
+    model = build("bert", "sequence", dtype=torch.float32)
+    batch = batch_for(model, size=16)
+    reference = build("bert", "sequence", dtype=torch.float32)
+    common = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, use_cpu=True, report_to=[],
+                  save_strategy="no", seed=3, disable_tqdm=True)
+    Trainer(model=reference, args=TrainingArguments(**common), train_dataset=as_dataset(batch),
+            data_collator=collator(torch.float32)).train()
+    FAMTrainer(model=model, args=FAMTrainingArguments(**common, fam_lambda=0.0), train_dataset=as_dataset(batch),
+               data_collator=collator(torch.float32)).train()
+    for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_causal_lm_accumulation_gives_the_full_batch_update(tmp_path):
+    batch = batch_for(build("llama", "causal_lm"))
+    full, _ = _train_one_step(build("llama", "causal_lm"), batch, tmp_path, fam_lambda=2.0, fam_gradient="full")
+    split, _ = _train_one_step(build("llama", "causal_lm"), batch, tmp_path, batch_size=4, accumulation=2,
+                               fam_lambda=2.0, fam_gradient="full")
+    assert_updates_close(split, full)
+
+
+def test_classifier_that_ignores_num_items_scales_the_penalty_like_its_loss(tmp_path, caplog):
+    """BERT's loss ignores num_items_in_batch, so the Trainer's update doubles with 2 accumulation steps."""
+    batch = batch_for(build("bert", "sequence"))
+    plain_full, _ = _train_one_step(build("bert", "sequence"), batch, tmp_path, fam_lambda=0.0)
+    plain_split, _ = _train_one_step(build("bert", "sequence"), batch, tmp_path, batch_size=4, accumulation=2, fam_lambda=0.0)
+    assert_updates_close({n: v / 2 for n, v in plain_split.items()}, plain_full)  # the Trainer's own behaviour
+    fam_full, _ = _train_one_step(build("bert", "sequence"), batch, tmp_path, fam_lambda=2.0, fam_gradient="full")
+    with caplog.at_level(logging.WARNING, logger="fam_hf.trainer"):
+        fam_split, _ = _train_one_step(build("bert", "sequence"), batch, tmp_path, batch_size=4, accumulation=2,
+                                       fam_lambda=2.0, fam_gradient="full")
+    assert_updates_close({n: v / 2 for n, v in fam_split.items()}, fam_full)
+    assert "ignores num_items_in_batch" in caplog.text
+
+
+def test_classifier_without_loss_kwargs_averages_accumulated_micro_batches(tmp_path):
+    batch = batch_for(build("bert", "sequence"))
+    full, _ = _train_one_step(build("bert", "sequence"), batch, tmp_path, fam_lambda=2.0, fam_gradient="full")
+    model = build("bert", "sequence")
+    model.accepts_loss_kwargs = False
+    split, _ = _train_one_step(model, batch, tmp_path, batch_size=4, accumulation=2, fam_lambda=2.0, fam_gradient="full")
+    assert_updates_close(split, full)
+
+
+def test_logs_split_loss_into_task_loss_and_penalty(tmp_path):
+    model = build("bert", "sequence")
+    _, trainer = _train_one_step(model, batch_for(model), tmp_path, fam_lambda=2.0)
+    entry = next(e for e in trainer.state.log_history if "loss" in e)
+    assert entry["fam_lambda"] == 2.0
+    assert entry["relative_flatness"] > 0
+    assert entry["loss"] == pytest.approx(entry["task_loss"] + 2.0 * entry["relative_flatness"], rel=1e-6)
+
+
+def test_calibrated_lambda_makes_the_first_penalty_its_share_of_the_loss(tmp_path):
+    model = build("bert", "sequence")
+    _, trainer = _train_one_step(model, batch_for(model), tmp_path, fam_share=0.05)
+    entry = next(e for e in trainer.state.log_history if "loss" in e)
+    assert trainer.fam_lambda == entry["fam_lambda"] > 0
+    assert entry["fam_lambda"] * entry["relative_flatness"] == pytest.approx(0.05 * entry["task_loss"], rel=1e-6)
+
+
+def test_evaluate_reports_relative_flatness_of_the_whole_dataset(tmp_path):
+    from fam_hf.reference import hessian_relative_flatness
+    from tiny_models import loss_rows
+
+    model = build("gpt2", "sequence")
+    batch = batch_for(model, size=6)
+    trainer = FAMTrainer(model=model, args=sgd_args(tmp_path, batch_size=4, fam_lambda=1.0),
+                         eval_dataset=as_dataset(batch), data_collator=collator(model.dtype))
+    metrics = trainer.evaluate()
+    seen = {}
+    handle = model.score.register_forward_hook(lambda m, a, o: seen.update(features=a[0], logits=o))
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    features, labels = loss_rows(model, batch, seen["features"], seen["logits"])
+    expected = hessian_relative_flatness(model.score.weight, features, labels)
+    assert metrics["eval_relative_flatness"] == pytest.approx(float(expected), rel=1e-9)
+    assert "eval_loss" in metrics
+
+
+def test_non_finite_penalty_stops_training_and_names_the_step(tmp_path):
+    model = build("bert", "sequence")
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="penalty is (nan|inf) at step 0"):
+        _train_one_step(model, batch_for(model), tmp_path, fam_lambda=1.0)
+
+
+def test_plain_training_arguments_are_refused_with_the_fix(tmp_path):
+    model = build("bert", "sequence")
+    with pytest.raises(ValueError, match="FAMTrainingArguments"):
+        FAMTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [("fam_lambda", -0.1, "fam_lambda must be >= 0"), ("fam_gradient", "all", "fam_gradient must be one of"),
+     ("fam_loss", "hinge", "fam_loss must be"), ("fam_share", 0.0, "fam_share must be > 0")],
+)
+def test_bad_settings_are_refused(field, value, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        FAMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **{field: value})
+
+
+def test_arguments_parse_from_the_command_line():
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(FAMTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", "x", "--fam_lambda", "0.3", "--fam_gradient", "weights", "--fam_layer", "score", "--use_cpu"]
+    )
+    assert (args.fam_lambda, args.fam_gradient, args.fam_layer) == (0.3, "weights", "score")
