@@ -86,9 +86,9 @@ def flatness_sum(
         )
     _check_shapes(weight, features, logits)
     with _float32_math(logits):
-        weight32 = _upcast(weight)
-        features32 = _upcast(features).reshape(-1, weight.shape[-1])
-        logits32 = _upcast(logits).reshape(-1, weight.shape[0])
+        weight32 = at_least_float32(weight)
+        features32 = at_least_float32(features).reshape(-1, weight.shape[-1])
+        logits32 = at_least_float32(logits).reshape(-1, weight.shape[0])
         feature_norms = features32.pow(2).sum(-1)
         row_norms = weight32.pow(2).sum(-1)
         width = logits32.shape[-1]
@@ -145,8 +145,8 @@ def _autograd_flatness(
     _check_shapes(weight, features, logits)
     width, dim = weight.shape
     with _float32_math(logits):
-        features32 = _upcast(features).reshape(-1, dim)
-        logits32 = _upcast(logits).reshape(-1, width)
+        features32 = at_least_float32(features).reshape(-1, dim)
+        logits32 = at_least_float32(logits).reshape(-1, width)
         if labels is not None and labels.shape[: logits.dim() - 1] == logits.shape[:-1]:
             labels = labels.reshape(logits32.shape[0], *labels.shape[logits.dim() - 1 :])
         differentiable = logits32.requires_grad
@@ -154,7 +154,7 @@ def _autograd_flatness(
             z = logits32 if differentiable else logits32.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(loss_fn(z, labels), z, create_graph=True)
             logit_hessian = _batched_jacobian(grad, z, create_graph=differentiable)
-        gram = _upcast(weight) @ _upcast(weight).T
+        gram = at_least_float32(weight) @ at_least_float32(weight).T
         curvature = (logit_hessian * gram).sum((-2, -1))
         return (features32.pow(2).sum(-1) * curvature).sum()
 
@@ -241,7 +241,7 @@ def _check_shapes(weight: torch.Tensor, features: torch.Tensor, logits: torch.Te
         )
 
 
-def _upcast(tensor: torch.Tensor) -> torch.Tensor:
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     """Return ``tensor`` in float32 if it is in a half precision, otherwise unchanged (float64 stays float64)."""
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .flatness import FlatnessSum, flatness_sum, inputs_for_gradient
+from .flatness import FlatnessSum, at_least_float32, flatness_sum, inputs_for_gradient
 from .head import find_head, linear_weight
 from .rows import IGNORE_INDEX, HeadTask
 
@@ -114,16 +114,16 @@ class FlatnessProbe:
 
 def _task_sums(logits: torch.Tensor, labels: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Return the un-averaged task loss over the counted rows and, for hard labels, the number of correct rows."""
-    rows = logits.float().reshape(-1, logits.shape[-1])
+    rows = at_least_float32(logits).reshape(-1, logits.shape[-1])
     if loss == "cross_entropy":
         if labels.is_floating_point():
-            targets = labels.float().reshape(rows.shape)
+            targets = labels.to(rows.dtype).reshape(rows.shape)
             return F.cross_entropy(rows, targets, reduction="sum"), None
         targets = labels.reshape(-1)
         total = F.cross_entropy(rows, targets, ignore_index=IGNORE_INDEX, reduction="sum")
         counted = targets != IGNORE_INDEX
         return total, (rows.argmax(-1).eq(targets) & counted).sum()
-    targets = labels.float().reshape(rows.shape)
+    targets = labels.to(rows.dtype).reshape(rows.shape)
     if loss == "mse":
         return F.mse_loss(rows, targets, reduction="sum") / rows.shape[-1], None
     total = F.binary_cross_entropy_with_logits(rows, targets, reduction="sum") / rows.shape[-1]

@@ -190,3 +190,64 @@ def test_arguments_parse_from_the_command_line():
         ["--output_dir", "x", "--fam_lambda", "0.3", "--fam_gradient", "weights", "--fam_layer", "score", "--use_cpu"]
     )
     assert (args.fam_lambda, args.fam_gradient, args.fam_layer) == (0.3, "weights", "score")
+
+
+def test_peft_lora_step_trains_the_saved_head_copy_exactly(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        build("bert", "sequence"), peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"])
+    )
+    batch = batch_for(model.get_base_model())
+    expected = expected_update(model, batch, fam_lambda=2.0, gradient="head")
+    actual, trainer = _train_one_step(model, batch, tmp_path, fam_lambda=2.0, fam_gradient="head")
+    assert trainer.fam_probe().head_name == "classifier"
+    assert_updates_close(actual, expected)
+    copy_name = next(n for n in actual if "modules_to_save.default.weight" in n)
+    assert float(actual[copy_name].abs().max()) > 0
+
+
+def test_bf16_autocast_trains_and_its_penalty_is_within_1e_2_of_float32(tmp_path):
+    from fam_hf import FlatnessProbe
+
+    model = build("bert", "sequence", dtype=torch.float32)
+    batch = batch_for(model)
+    probe = FlatnessProbe(model)
+    values = {}
+    for name, enabled in (("float32", False), ("bf16", True)):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            with probe.watch(batch, batch["labels"], gradient=None) as seen:
+                model(**batch)
+        values[name] = float(seen[0].flatness.total / seen[0].flatness.rows)
+    probe.remove()
+    assert values["bf16"] == pytest.approx(values["float32"], rel=1e-2)
+    assert values["bf16"] != values["float32"]  # autocast really ran in bf16
+    _, trainer = _train_one_step(model, batch, tmp_path, batch_size=4, fam_lambda=1.0, bf16=True)
+    entry = next(e for e in trainer.state.log_history if "loss" in e)
+    assert torch.isfinite(torch.tensor(entry["relative_flatness"])) and entry["relative_flatness"] > 0
+
+
+def test_checkpoint_saves_and_resumes_with_the_fam_settings(tmp_path, caplog):
+    import json
+
+    model = build("bert", "sequence", dtype=torch.float32)
+    data = as_dataset(batch_for(model, size=8))
+    def args(**extra):
+        return FAMTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, save_steps=1,
+                                    use_cpu=True, report_to=[], disable_tqdm=True, fam_share=0.01, fam_gradient="weights", **extra)
+    first = FAMTrainer(model=model, args=args(), train_dataset=data, data_collator=collator(torch.float32))
+    first.train()
+    saved = json.loads((tmp_path / "checkpoint-1" / "fam_config.json").read_text())
+    assert saved["fam_gradient"] == "weights" and saved["fam_share"] == 0.01 and saved["head"] == "classifier"
+    assert saved["resolved_fam_lambda"] == pytest.approx(first.fam_lambda)
+
+    resumed = FAMTrainer(model=build("bert", "sequence", dtype=torch.float32), args=args(), train_dataset=data,
+                         data_collator=collator(torch.float32))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    assert resumed.fam_lambda == pytest.approx(first.fam_lambda)  # not re-calibrated on a later batch
+    assert resumed.state.global_step == 2
+
+    changed = FAMTrainer(model=build("bert", "sequence", dtype=torch.float32), args=args(fam_normalize=True),
+                         train_dataset=data, data_collator=collator(torch.float32))
+    with caplog.at_level(logging.WARNING, logger="fam_hf.trainer"):
+        changed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    assert "differ from the checkpoint" in caplog.text and "fam_normalize" in caplog.text

@@ -1,0 +1,49 @@
+"""One FAM SGD step on a tiny model, saved to a file: run alone or under torchrun to compare the two."""
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fam_hf import FAMTrainer  # noqa: E402
+from tiny_models import as_dataset, batch_for, build, collator, sgd_args  # noqa: E402
+
+CASES = {
+    "causal_lm": ("llama", "causal_lm", None),
+    "classifier": ("bert", "sequence", False),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--per_device_batch", type=int, default=8)
+    args = parser.parse_args()
+    results = {}
+    distributed = {"ddp_backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
+    for case, (model_type, task, accepts_loss_kwargs) in CASES.items():
+        model = build(model_type, task)
+        if accepts_loss_kwargs is not None:
+            model.accepts_loss_kwargs = accepts_loss_kwargs
+        batch = batch_for(model, size=8)
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = FAMTrainer(
+                model=model,
+                args=sgd_args(tmp, batch_size=args.per_device_batch, fam_lambda=2.0, fam_gradient="full", **distributed),
+                train_dataset=as_dataset(batch),
+                data_collator=collator(model.dtype),
+            )
+            trainer.train()
+        results[case] = {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
+        results[case + "_world_size"] = trainer.args.world_size
+    if trainer.is_world_process_zero():
+        torch.save(results, args.out)
+
+
+if __name__ == "__main__":
+    main()
