@@ -85,26 +85,42 @@ def flatness_sum(
             "(logits, labels) -> scalar loss that is a sum of per-row terms."
         )
     _check_shapes(weight, features, logits)
+    width, dim = weight.shape
     with _float32_math(logits):
-        weight32 = at_least_float32(weight)
-        features32 = at_least_float32(features).reshape(-1, weight.shape[-1])
-        logits32 = at_least_float32(logits).reshape(-1, weight.shape[0])
-        feature_norms = features32.pow(2).sum(-1)
-        row_norms = weight32.pow(2).sum(-1)
-        width = logits32.shape[-1]
-        mask = None
+        features = features.reshape(-1, dim)
+        logits = logits.reshape(-1, width)
         if loss == "cross_entropy":
-            curvature = _softmax_curvature(weight32, row_norms, logits32)
-            mask = _counted_rows(labels, logits32, ignore_index)
-        elif loss == "mse":
+            mask = _counted_rows(labels, logits, ignore_index)
+            rows_per_chunk = max(1, CHUNK_ELEMENTS // width)
+            if logits.shape[0] > rows_per_chunk:
+                total = _ChunkedSoftmaxFlatness.apply(rows_per_chunk, weight, features, logits, mask)
+            else:
+                weight32 = at_least_float32(weight)
+                total = _softmax_terms(weight32, weight32.pow(2).sum(-1), features, logits, mask).sum()
+            return FlatnessSum(total, mask.sum())
+        weight32 = at_least_float32(weight)
+        logits32 = at_least_float32(logits)
+        row_norms = weight32.pow(2).sum(-1)
+        if loss == "mse":
             curvature = (2.0 / width) * row_norms.sum().expand(logits32.shape[0])
         else:
             probs = torch.sigmoid(logits32)
             curvature = (probs * (1 - probs)) @ row_norms / width
-        terms = feature_norms * curvature
-        if mask is None:
-            return FlatnessSum(terms.sum(), torch.tensor(terms.shape[0], device=terms.device))
-        return FlatnessSum((terms * mask).sum(), mask.sum())
+        terms = at_least_float32(features).pow(2).sum(-1) * curvature
+        return FlatnessSum(terms.sum(), torch.tensor(terms.shape[0], device=terms.device))
+
+
+# Rows x outputs of the softmax closed form held at once; larger problems (a language model's head) are
+# processed in chunks of rows, so the penalty never holds more than a few of these at a time.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _softmax_terms(
+    weight: torch.Tensor, row_norms: torch.Tensor, features: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Return ``mask_i ||phi_i||^2 <W W^T, diag(p_i) - p_i p_i^T>`` per row, in float32 or wider."""
+    curvature = _softmax_curvature(weight, row_norms, at_least_float32(logits))
+    return at_least_float32(features).pow(2).sum(-1) * curvature * mask
 
 
 def _softmax_curvature(weight: torch.Tensor, row_norms: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -112,26 +128,89 @@ def _softmax_curvature(weight: torch.Tensor, row_norms: torch.Tensor, logits: to
 
     Centred on each row's most likely class so that a confident prediction (p near one-hot) does not turn the
     variance into the difference of two nearly equal numbers: every term below is of the order of ``1 - p_top``.
+    With fewer outputs than features it works on the outputs' Gram matrix, so it costs O(rows x outputs^2)
+    instead of O(rows x outputs x features).
     """
     probs = torch.softmax(logits, dim=-1)
-    top = probs.detach().argmax(-1)
-    rest = probs.scatter(-1, top.unsqueeze(-1), 0.0)
+    top = probs.detach().argmax(-1, keepdim=True)
+    rest = probs.scatter(-1, top, 0.0)
     rest_mass = rest.sum(-1)
-    rest_mean = rest @ weight
-    top_row = weight[top]
-    spread = rest @ row_norms - 2 * (top_row * rest_mean).sum(-1) + rest_mass * row_norms[top]
-    return spread - (rest_mean - rest_mass.unsqueeze(-1) * top_row).pow(2).sum(-1)
+    top_norm = row_norms[top.squeeze(-1)]
+    width, dim = weight.shape
+    if width <= dim:
+        rest_gram = rest @ (weight @ weight.T)
+        cross = rest_gram.gather(-1, top).squeeze(-1)  # <w_top, sum_{s != top} p_s w_s>
+        rest_mean_sq = (rest_gram * rest).sum(-1)
+    else:
+        rest_mean = rest @ weight
+        cross = (weight[top.squeeze(-1)] * rest_mean).sum(-1)
+        rest_mean_sq = rest_mean.pow(2).sum(-1)
+    spread = rest @ row_norms - 2 * cross + rest_mass * top_norm
+    return spread - (rest_mean_sq - 2 * rest_mass * cross + rest_mass.pow(2) * top_norm)
+
+
+class _ChunkedSoftmaxFlatness(torch.autograd.Function):
+    """Sum of the cross-entropy terms over row chunks, with each chunk's gradient taken as it is computed.
+
+    Only one chunk's softmax and intermediates exist at a time; the gradients with respect to the inputs that
+    need them are kept (one logits-sized tensor at most), and backward only scales them.
+    """
+
+    @staticmethod
+    def forward(ctx, rows_per_chunk, weight, features, logits, mask):  # noqa: D102 - autograd protocol
+        need_weight, need_features, need_logits = ctx.needs_input_grad[1:4]
+        grad_features = torch.zeros_like(features) if need_features else None
+        grad_logits = torch.zeros_like(logits) if need_logits else None
+        total = torch.zeros((), dtype=at_least_float32(weight).dtype, device=weight.device)
+        weight32 = at_least_float32(weight.detach())
+        with torch.enable_grad():
+            # the row norms are a leaf of their own, so the per-chunk work never touches the whole weight twice
+            weight_leaf = weight32.requires_grad_(need_weight)
+            norms_leaf = weight32.pow(2).sum(-1).detach().requires_grad_(need_weight)
+            grad_weight = torch.zeros_like(weight32) if need_weight else None
+            grad_norms = torch.zeros_like(norms_leaf) if need_weight else None
+            for start in range(0, logits.shape[0], rows_per_chunk):
+                rows = slice(start, start + rows_per_chunk)
+                chunk_features = features[rows].detach().requires_grad_(need_features)
+                chunk_logits = logits[rows].detach().requires_grad_(need_logits)
+                chunk_total = _softmax_terms(weight_leaf, norms_leaf, chunk_features, chunk_logits, mask[rows]).sum()
+                total += chunk_total.detach()
+                leaves = {"weight": weight_leaf, "norms": norms_leaf} if need_weight else {}
+                if need_features:
+                    leaves["features"] = chunk_features
+                if need_logits:
+                    leaves["logits"] = chunk_logits
+                if not leaves:
+                    continue
+                grads = dict(zip(leaves, torch.autograd.grad(chunk_total, list(leaves.values()))))
+                if need_weight:
+                    grad_weight += grads["weight"]
+                    grad_norms += grads["norms"]
+                if need_features:
+                    grad_features[rows] = grads["features"]
+                if need_logits:
+                    grad_logits[rows] = grads["logits"]
+        if need_weight:
+            grad_weight = (grad_weight + 2 * grad_norms.unsqueeze(-1) * weight32).to(weight.dtype)
+        ctx.save_for_backward(grad_weight, grad_features, grad_logits)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):  # noqa: D102 - autograd protocol
+        grads = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors]
+        return (None, *grads, None)
 
 
 def _counted_rows(labels: torch.Tensor | None, logits: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Return a 0/1 float mask of the rows cross-entropy averages over."""
     rows = logits.shape[0]
+    dtype = at_least_float32(logits).dtype
     if labels is None or labels.is_floating_point():
-        return torch.ones(rows, dtype=logits.dtype, device=logits.device)
+        return torch.ones(rows, dtype=dtype, device=logits.device)
     flat = labels.reshape(-1)
     if flat.shape[0] != rows:
         raise ValueError(f"labels give {flat.shape[0]} targets for {rows} rows of logits.")
-    return (flat != ignore_index).to(logits.dtype)
+    return (flat != ignore_index).to(dtype)
 
 
 def _autograd_flatness(

@@ -164,3 +164,36 @@ def test_unknown_gradient_mode_is_refused():
     weight, bias, features, _ = _problem("cross_entropy")
     with pytest.raises(ValueError, match="fam_gradient"):
         inputs_for_gradient("backbone", weight, bias, features, features @ weight.T)
+
+
+@pytest.mark.parametrize("gradient", ["full", "head", "weights"])
+def test_chunked_rows_give_the_same_value_and_gradients(gradient, monkeypatch):
+    import fam_hf.flatness as flatness
+
+    weight, bias, features, labels = _problem("cross_entropy", leading=(3, 5))
+    inputs = (weight, bias, features)
+
+    def value_and_grads():
+        logits = features @ weight.T + bias
+        kappa = relative_flatness(*inputs_for_gradient(gradient, weight, bias, features, logits), labels)
+        return kappa, _grads(kappa, inputs)
+
+    whole, whole_grads = value_and_grads()
+    monkeypatch.setattr(flatness, "CHUNK_ELEMENTS", 2 * WIDTH)  # chunks of 2 rows, the last one short
+    chunked, chunked_grads = value_and_grads()
+    _assert_rel(chunked, whole, tol=1e-12)
+    for actual, expected in zip(chunked_grads, whole_grads):
+        _assert_rel(actual, expected, tol=1e-12)
+    assert float(whole_grads[0].abs().max()) > 0
+
+
+def test_wide_heads_use_the_feature_route_and_agree_with_brute_force():
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(9, 3, dtype=torch.float64, generator=generator).requires_grad_()  # more outputs than features
+    features = torch.randn(6, 3, dtype=torch.float64, generator=generator).requires_grad_()
+    labels = torch.randint(0, 9, (6,), generator=generator)
+    kappa = relative_flatness(weight, features, features @ weight.T, labels)
+    brute = hessian_relative_flatness(weight, features, labels)
+    _assert_rel(kappa, brute)
+    for actual, expected in zip(_grads(kappa, (weight, features)), _grads(brute, (weight, features))):
+        _assert_rel(actual, expected)
