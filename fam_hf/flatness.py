@@ -93,7 +93,7 @@ def flatness_sum(
             mask = _counted_rows(labels, logits, ignore_index)
             rows_per_chunk = max(1, CHUNK_ELEMENTS // width)
             if logits.shape[0] > rows_per_chunk:
-                total = _ChunkedSoftmaxFlatness.apply(rows_per_chunk, weight, features, logits, mask)
+                total = _ChunkedSoftmaxFlatness.apply(rows_per_chunk, weight, None, features, logits, mask, False)
             else:
                 weight32 = at_least_float32(weight)
                 total = _softmax_terms(weight32, weight32.pow(2).sum(-1), features, logits, mask).sum()
@@ -153,52 +153,92 @@ class _ChunkedSoftmaxFlatness(torch.autograd.Function):
     """Sum of the cross-entropy terms over row chunks, with each chunk's gradient taken as it is computed.
 
     Only one chunk's softmax and intermediates exist at a time; the gradients with respect to the inputs that
-    need them are kept (one logits-sized tensor at most), and backward only scales them.
+    need them are kept (one logits-sized tensor at most), and backward only scales them. With ``logits=None``
+    each chunk's logits are computed from the features, weight and bias (a head whose full logits are never
+    materialized, such as TRL's fused LM head); ``hold_logits`` then keeps the predictions constant.
     """
 
     @staticmethod
-    def forward(ctx, rows_per_chunk, weight, features, logits, mask):  # noqa: D102 - autograd protocol
-        need_weight, need_features, need_logits = ctx.needs_input_grad[1:4]
+    def forward(ctx, rows_per_chunk, weight, bias, features, logits, mask, hold_logits):  # noqa: D102
+        need_weight, need_bias, need_features, need_logits = ctx.needs_input_grad[1:5]
         grad_features = torch.zeros_like(features) if need_features else None
         grad_logits = torch.zeros_like(logits) if need_logits else None
-        total = torch.zeros((), dtype=at_least_float32(weight).dtype, device=weight.device)
         weight32 = at_least_float32(weight.detach())
+        total = torch.zeros((), dtype=weight32.dtype, device=weight.device)
         with torch.enable_grad():
             # the row norms are a leaf of their own, so the per-chunk work never touches the whole weight twice
-            weight_leaf = weight32.requires_grad_(need_weight)
-            norms_leaf = weight32.pow(2).sum(-1).detach().requires_grad_(need_weight)
-            grad_weight = torch.zeros_like(weight32) if need_weight else None
-            grad_norms = torch.zeros_like(norms_leaf) if need_weight else None
-            for start in range(0, logits.shape[0], rows_per_chunk):
+            leaves = {"weight": weight32.requires_grad_(need_weight)}
+            leaves["norms"] = weight32.pow(2).sum(-1).detach().requires_grad_(need_weight)
+            if bias is not None:
+                leaves["bias"] = at_least_float32(bias.detach()).requires_grad_(need_bias)
+            sums = {k: torch.zeros_like(v) for k, v in leaves.items() if v.requires_grad}
+            rows_total = features.shape[0]
+            for start in range(0, rows_total, rows_per_chunk):
                 rows = slice(start, start + rows_per_chunk)
-                chunk_features = features[rows].detach().requires_grad_(need_features)
-                chunk_logits = logits[rows].detach().requires_grad_(need_logits)
-                chunk_total = _softmax_terms(weight_leaf, norms_leaf, chunk_features, chunk_logits, mask[rows]).sum()
+                chunk = {
+                    "features": features[rows].detach().requires_grad_(need_features),
+                    "logits": None if logits is None else logits[rows].detach().requires_grad_(need_logits),
+                }
+                chunk_logits = chunk["logits"]
+                if chunk_logits is None:
+                    with torch.set_grad_enabled(not hold_logits):
+                        chunk_logits = at_least_float32(chunk["features"]) @ leaves["weight"].T
+                        chunk_logits = chunk_logits if bias is None else chunk_logits + leaves["bias"]
+                terms = _softmax_terms(leaves["weight"], leaves["norms"], chunk["features"], chunk_logits, mask[rows])
+                chunk_total = terms.sum()
                 total += chunk_total.detach()
-                leaves = {"weight": weight_leaf, "norms": norms_leaf} if need_weight else {}
-                if need_features:
-                    leaves["features"] = chunk_features
-                if need_logits:
-                    leaves["logits"] = chunk_logits
-                if not leaves:
+                wanted = {**{k: leaves[k] for k in sums}, **{k: v for k, v in chunk.items() if v is not None and v.requires_grad}}
+                if not wanted or not chunk_total.requires_grad:
                     continue
-                grads = dict(zip(leaves, torch.autograd.grad(chunk_total, list(leaves.values()))))
-                if need_weight:
-                    grad_weight += grads["weight"]
-                    grad_norms += grads["norms"]
-                if need_features:
+                grads = dict(zip(wanted, torch.autograd.grad(chunk_total, list(wanted.values()), allow_unused=True)))
+                for key in sums:
+                    if grads[key] is not None:
+                        sums[key] += grads[key]
+                if need_features and grads.get("features") is not None:
                     grad_features[rows] = grads["features"]
                 if need_logits:
                     grad_logits[rows] = grads["logits"]
+        grad_weight = grad_bias = None
         if need_weight:
-            grad_weight = (grad_weight + 2 * grad_norms.unsqueeze(-1) * weight32).to(weight.dtype)
-        ctx.save_for_backward(grad_weight, grad_features, grad_logits)
+            grad_weight = (sums["weight"] + 2 * sums["norms"].unsqueeze(-1) * weight32).to(weight.dtype)
+        if need_bias:
+            grad_bias = sums["bias"].to(bias.dtype)
+        ctx.save_for_backward(grad_weight, grad_bias, grad_features, grad_logits)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):  # noqa: D102 - autograd protocol
         grads = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors]
-        return (None, *grads, None)
+        return (None, *grads, None, None)
+
+
+def fused_flatness_sum(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    features: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    gradient: str | None,
+    ignore_index: int = -100,
+) -> FlatnessSum:
+    """Return the cross-entropy :class:`FlatnessSum` of a head whose logits were never materialized.
+
+    Each chunk of rows computes its logits from ``features``, ``weight`` and ``bias``; ``gradient`` is a mode
+    of :func:`inputs_for_gradient` (or ``None`` for no gradient).
+    """
+    if gradient not in (None, *GRADIENT_MODES):
+        raise ValueError(f"Unknown fam_gradient {gradient!r}: use one of {GRADIENT_MODES}.")
+    dim = weight.shape[-1]
+    features = features.reshape(-1, dim)
+    if gradient is None:
+        weight, bias, features = weight.detach(), None if bias is None else bias.detach(), features.detach()
+    elif gradient != "full":
+        features = features.detach()
+    mask = _counted_rows(labels, features, ignore_index)
+    with _float32_math(features):
+        rows_per_chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        total = _ChunkedSoftmaxFlatness.apply(rows_per_chunk, weight, bias, features, None, mask, gradient == "weights")
+    return FlatnessSum(total, mask.sum())
 
 
 def _counted_rows(labels: torch.Tensor | None, logits: torch.Tensor, ignore_index: int) -> torch.Tensor:

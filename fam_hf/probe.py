@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .flatness import FlatnessSum, at_least_float32, flatness_sum, inputs_for_gradient
-from .head import find_head, linear_weight
+from .flatness import FlatnessSum, at_least_float32, flatness_sum, fused_flatness_sum, inputs_for_gradient
+from .head import _base_model, find_head, linear_weight
 from .rows import IGNORE_INDEX, HeadTask
 
 
@@ -40,17 +40,27 @@ class FlatnessProbe:
     Use :meth:`watch` around a forward pass; the result appears on the yielded list once the head has run.
     ``gradient`` is a mode of :func:`fam_hf.flatness.inputs_for_gradient`, or ``None`` to measure without a
     graph. ``normalize`` divides by the head's input width; ``loss`` fixes the loss instead of following the model.
+
+    ``fused=True`` is for causal LMs whose forward never runs the head (TRL's fused LM head): the probe then
+    watches the backbone's last hidden state and computes the logits chunk by chunk from the head's weight.
     """
 
     def __init__(
-        self, model: nn.Module, head: str | None = None, loss: str | None = None, normalize: bool = False
+        self,
+        model: nn.Module,
+        head: str | None = None,
+        loss: str | None = None,
+        normalize: bool = False,
+        fused: bool = False,
     ) -> None:
         self.head_name, self.head = find_head(model, head)
         self.normalize = normalize
+        self.fused = fused
         linear_weight(self.head)  # fail now, with a clear message, if the head is not linear
         self.task = HeadTask.from_model(model, loss=loss)
         self._request: dict[str, Any] | None = None
-        self._handle = self.head.register_forward_hook(self._on_forward, prepend=True)
+        watched = _base_model(model).base_model if fused else self.head
+        self._handle = watched.register_forward_hook(self._on_forward, prepend=True)
 
     def remove(self) -> None:
         """Detach the hook from the head."""
@@ -83,15 +93,21 @@ class FlatnessProbe:
         if request is None:
             return
         if request["results"]:
+            if not torch.is_grad_enabled():
+                return  # a second pass without gradients only recomputes outputs (TRL does, for metrics)
             raise RuntimeError(
                 f"The head {self.head_name!r} ran more than once in one forward pass, so its rows cannot be matched "
                 "to the labels. Set fam_layer to a layer that runs once per forward pass."
             )
-        features = args[0] if args else None
-        logits = output[0] if isinstance(output, tuple) else output
-        if not isinstance(features, torch.Tensor) or not isinstance(logits, torch.Tensor):
-            raise ValueError(f"The head {self.head_name!r} did not take and return tensors; name another fam_layer.")
-        weight, bias = linear_weight(module)
+        if self.fused:
+            features, logits = output[0], None
+            weight, bias = (_full_tensor(t) for t in linear_weight(self.head))
+        else:
+            features = args[0] if args else None
+            logits = output[0] if isinstance(output, tuple) else output
+            if not isinstance(features, torch.Tensor) or not isinstance(logits, torch.Tensor):
+                raise ValueError(f"The head {self.head_name!r} did not take and return tensors; name another fam_layer.")
+            weight, bias = linear_weight(module)
         grad_context = contextlib.nullcontext() if request["gradient"] else torch.no_grad()
         with grad_context:
             request["results"].append(self._measure(weight, bias, features, logits, request))
@@ -99,17 +115,25 @@ class FlatnessProbe:
     def _measure(self, weight, bias, features, logits, request) -> BatchFlatness:
         features, logits, labels = self.task.select(features, logits, request["inputs"], request["labels"])
         loss = self.task.loss_for(labels)
+        if logits is None:
+            flatness = fused_flatness_sum(weight, bias, features, labels, gradient=request["gradient"])
+            return BatchFlatness(self._normalized(flatness, weight), loss)
         if request["gradient"]:
             weight, features, logits = inputs_for_gradient(request["gradient"], weight, bias, features, logits)
         else:
             weight, features, logits = weight.detach(), features.detach(), logits.detach()
-        flatness = flatness_sum(weight, features, logits, labels, loss=loss)
-        if self.normalize:
-            flatness = FlatnessSum(flatness.total / weight.shape[-1], flatness.rows)
-        result = BatchFlatness(flatness, loss)
+        result = BatchFlatness(self._normalized(flatness_sum(weight, features, logits, labels, loss=loss), weight), loss)
         if request["with_task"] and labels is not None:
             result.task_loss, result.correct = _task_sums(logits.detach(), labels, loss)
         return result
+
+    def _normalized(self, flatness: FlatnessSum, weight: torch.Tensor) -> FlatnessSum:
+        return FlatnessSum(flatness.total / weight.shape[-1], flatness.rows) if self.normalize else flatness
+
+
+def _full_tensor(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """Gather a DTensor (a head sharded by FSDP2 outside its own forward) into a whole tensor."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def _task_sums(logits: torch.Tensor, labels: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor | None]:

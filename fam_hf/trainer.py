@@ -26,7 +26,12 @@ FAM_CONFIG_NAME = "fam_config.json"
 
 
 class FAMMixin:
-    """Adds the relative-flatness penalty to a ``transformers.Trainer`` subclass (put it first in the bases)."""
+    """Adds the relative-flatness penalty to a ``transformers.Trainer`` subclass (put it first in the bases).
+
+    A trainer whose model forward never runs the head itself (TRL's fused LM head) sets ``fam_fused_head``.
+    """
+
+    fam_fused_head: bool = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -50,7 +55,8 @@ class FAMMixin:
         if self._fam_probe is None:
             loss = None if self.args.fam_loss == "auto" else self.args.fam_loss
             self._fam_probe = FlatnessProbe(
-                self.model, head=self.args.fam_layer, loss=loss, normalize=self.args.fam_normalize
+                self.model, head=self.args.fam_layer, loss=loss, normalize=self.args.fam_normalize,
+                fused=self.fam_fused_head,
             )
             logger.info("FAM: penalising the relative flatness of head %r", self._fam_probe.head_name)
         return self._fam_probe
@@ -68,8 +74,12 @@ class FAMMixin:
         probe = self.fam_probe()
         labels = self._fam_labels(inputs)
         gradient = self.args.fam_gradient if penalize else None
-        with probe.watch(inputs, labels, gradient=gradient, with_task=self._fam_needs_task_sum(num_items_in_batch)) as seen:
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        detect = self._fam_needs_task_sum(num_items_in_batch)
+        with probe.watch(inputs, labels, gradient=gradient, with_task=detect) as seen:
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs or detect, num_items_in_batch=num_items_in_batch
+            )
+        loss, outputs = result if return_outputs or detect else (result, None)
         if not seen:
             raise RuntimeError(
                 f"The head {probe.head_name!r} did not run in the forward pass; set fam_layer to the layer that "
@@ -99,7 +109,8 @@ class FAMMixin:
 
     def _fam_needs_task_sum(self, num_items_in_batch) -> bool:
         return (
-            num_items_in_batch is not None
+            not self.fam_fused_head
+            and num_items_in_batch is not None
             and self._fam_divisor_uses_num_items is None
             and self.model_accepts_loss_kwargs
             and self.compute_loss_func is None

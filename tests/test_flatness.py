@@ -197,3 +197,19 @@ def test_wide_heads_use_the_feature_route_and_agree_with_brute_force():
     _assert_rel(kappa, brute)
     for actual, expected in zip(_grads(kappa, (weight, features)), _grads(brute, (weight, features))):
         _assert_rel(actual, expected)
+
+
+@pytest.mark.parametrize("gradient", ["full", "head", "weights"])
+def test_fused_head_without_logits_matches_the_materialized_head(gradient, monkeypatch):
+    import fam_hf.flatness as flatness
+
+    weight, bias, features, labels = _problem("cross_entropy", leading=(3, 5))
+    inputs = (weight, bias, features)
+    logits = features @ weight.T + bias
+    expected = relative_flatness(*inputs_for_gradient(gradient, weight, bias, features, logits), labels)
+    expected_grads = _grads(expected, inputs)
+    monkeypatch.setattr(flatness, "CHUNK_ELEMENTS", 3 * WIDTH)
+    fused = flatness.fused_flatness_sum(weight, bias, features, labels, gradient=gradient)
+    _assert_rel(fused.total / fused.rows, expected, tol=1e-12)
+    for actual, wanted in zip(_grads(fused.total / fused.rows, inputs), expected_grads):
+        _assert_rel(actual, wanted, tol=1e-12)

@@ -180,3 +180,14 @@ def assert_updates_close(actual: dict, expected: dict, rtol: float = 1e-9) -> No
     scale = max(float(v.abs().max()) for v in expected.values())
     for name, value in expected.items():
         torch.testing.assert_close(actual[name], value, rtol=0, atol=rtol * scale, msg=lambda m: f"{name}: {m}")
+
+
+def tiny_tokenizer():
+    """Return a word-level fast tokenizer over ``w0 .. w39`` (``w0`` pads, ``w1`` ends), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w2"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="w0", eos_token="w1", unk_token="w2")
