@@ -77,49 +77,86 @@ def flatness_sum(
     """Return the per-row terms of ``kappa`` summed over the rows the loss counts, and how many rows count.
 
     The split lets a caller normalize the sum the way its task loss is normalized (for example by the number
-    of targets in a whole accumulated batch) instead of by this batch's own row count.
+    of targets in a whole accumulated batch) instead of by this batch's own row count. Gradients reach every
+    input that requires them.
     """
-    if loss not in LOSSES:
-        raise ValueError(
-            f"Unknown loss {loss!r} for relative flatness: use one of {LOSSES} or pass a callable "
-            "(logits, labels) -> scalar loss that is a sum of per-row terms."
-        )
+    _check_loss(loss)
     _check_shapes(weight, features, logits)
-    width, dim = weight.shape
-    with _float32_math(logits):
-        features = features.reshape(-1, dim)
-        logits = logits.reshape(-1, width)
-        if loss == "cross_entropy":
-            mask = _counted_rows(labels, logits, ignore_index)
-            rows_per_chunk = max(1, CHUNK_ELEMENTS // width)
-            if logits.shape[0] > rows_per_chunk:
-                total = _ChunkedSoftmaxFlatness.apply(rows_per_chunk, weight, None, features, logits, mask, False)
-            else:
-                weight32 = at_least_float32(weight)
-                total = _softmax_terms(weight32, weight32.pow(2).sum(-1), features, logits, mask).sum()
-            return FlatnessSum(total, mask.sum())
-        weight32 = at_least_float32(weight)
-        logits32 = at_least_float32(logits)
-        row_norms = weight32.pow(2).sum(-1)
-        if loss == "mse":
-            curvature = (2.0 / width) * row_norms.sum().expand(logits32.shape[0])
-        else:
-            probs = torch.sigmoid(logits32)
-            curvature = (probs * (1 - probs)) @ row_norms / width
-        terms = at_least_float32(features).pow(2).sum(-1) * curvature
-        return FlatnessSum(terms.sum(), torch.tensor(terms.shape[0], device=terms.device))
+    return _eager_flatness_sum(weight, None, features, logits, labels, loss, ignore_index)
 
 
-# Rows x outputs of the softmax closed form held at once; larger problems (a language model's head) are
-# processed in chunks of rows, so the penalty never holds more than a few of these at a time.
+def head_flatness_sum(
+    gradient: str | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    features: torch.Tensor,
+    logits: torch.Tensor | None,
+    labels: torch.Tensor | None = None,
+    *,
+    loss: str = "cross_entropy",
+    ignore_index: int = -100,
+) -> FlatnessSum:
+    """Return the :class:`FlatnessSum` of a head as it runs, with the gradient that ``gradient`` names.
+
+    This is what the trainer calls from inside the head's forward pass. The value *and its gradient* are
+    computed there, while a sharded weight (FSDP2, ZeRO-3) is whole; backward only scales the stored gradient,
+    so nothing refers to the weight after it is resharded. ``gradient`` is a mode of
+    :func:`inputs_for_gradient` or ``None`` for none. ``logits=None`` means the head's output was never
+    materialized (TRL's fused LM head): each chunk of rows computes its logits from the features.
+    """
+    if gradient not in (None, *GRADIENT_MODES):
+        raise ValueError(f"Unknown fam_gradient {gradient!r}: use one of {GRADIENT_MODES}.")
+    _check_loss(loss)
+    if logits is None and loss != "cross_entropy":
+        raise ValueError("A head without materialized logits is only supported with the cross-entropy loss.")
+    if gradient is None:
+        weight, features = weight.detach(), features.detach()
+        bias = None if bias is None else bias.detach()
+        logits = None if logits is None else logits.detach()
+    elif gradient != "full":
+        features = features.detach()
+        logits = None if logits is None else logits.detach()
+        if gradient == "weights":
+            bias = None if bias is None else bias.detach()
+    fold = gradient == "head" and logits is not None
+    return _eager_flatness_sum(
+        weight, bias if fold or logits is None else None, features, logits, labels, loss, ignore_index,
+        fold_logits=fold, hold_logits=gradient == "weights",
+    )
+
+
+# Rows x outputs held at once; larger problems (a language model's head) are processed in chunks of rows, so the
+# penalty never holds more than a few tensors of this size.
 CHUNK_ELEMENTS = 1 << 24
 
 
-def _softmax_terms(
-    weight: torch.Tensor, row_norms: torch.Tensor, features: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """Return ``mask_i ||phi_i||^2 <W W^T, diag(p_i) - p_i p_i^T>`` per row, in float32 or wider."""
-    curvature = _softmax_curvature(weight, row_norms, at_least_float32(logits))
+def _eager_flatness_sum(
+    weight, bias, features, logits, labels, loss, ignore_index, fold_logits=False, hold_logits=False
+) -> FlatnessSum:
+    width, dim = weight.shape
+    features = features.reshape(-1, dim)
+    logits = None if logits is None else logits.reshape(-1, width)
+    if loss == "cross_entropy":
+        mask = _counted_rows(labels, features, ignore_index)
+    else:
+        mask = torch.ones(features.shape[0], dtype=at_least_float32(features).dtype, device=features.device)
+    settings = (max(1, CHUNK_ELEMENTS // width), loss, fold_logits, hold_logits)
+    with _float32_math(features):
+        total = _EagerFlatness.apply(settings, weight, bias, features, logits, mask)
+    return FlatnessSum(total, mask.sum())
+
+
+def _row_terms(loss, weight, row_norms, features, logits, mask) -> torch.Tensor:
+    """Return ``mask_i ||phi_i||^2 <W W^T, G_i>`` per row, ``G_i`` the loss's Hessian in row i's logits."""
+    logits = at_least_float32(logits)
+    width = logits.shape[-1]
+    if loss == "cross_entropy":
+        curvature = _softmax_curvature(weight, row_norms, logits)
+    elif loss == "mse":
+        curvature = (2.0 / width) * row_norms.sum().expand(logits.shape[0])
+    else:
+        probs = torch.sigmoid(logits)
+        curvature = (probs * (1 - probs)) @ row_norms / width
     return at_least_float32(features).pow(2).sum(-1) * curvature * mask
 
 
@@ -149,58 +186,69 @@ def _softmax_curvature(weight: torch.Tensor, row_norms: torch.Tensor, logits: to
     return spread - (rest_mean_sq - 2 * rest_mass * cross + rest_mass.pow(2) * top_norm)
 
 
-class _ChunkedSoftmaxFlatness(torch.autograd.Function):
-    """Sum of the cross-entropy terms over row chunks, with each chunk's gradient taken as it is computed.
+class _EagerFlatness(torch.autograd.Function):
+    """Sum of the per-row terms over row chunks, each chunk's gradient taken in forward as it is computed.
 
-    Only one chunk's softmax and intermediates exist at a time; the gradients with respect to the inputs that
-    need them are kept (one logits-sized tensor at most), and backward only scales them. With ``logits=None``
-    each chunk's logits are computed from the features, weight and bias (a head whose full logits are never
-    materialized, such as TRL's fused LM head); ``hold_logits`` then keeps the predictions constant.
+    Only one chunk's intermediates exist at a time, and backward only scales the stored gradients, so the
+    weight is never needed after forward. ``fold_logits`` sends the logits' gradient into the weight and bias
+    through the (constant) features instead of returning it: the ``"head"`` mode. ``logits=None`` computes each
+    chunk's logits from features, weight and bias; ``hold_logits`` keeps those predictions constant.
     """
 
     @staticmethod
-    def forward(ctx, rows_per_chunk, weight, bias, features, logits, mask, hold_logits):  # noqa: D102
+    def forward(ctx, settings, weight, bias, features, logits, mask):  # noqa: D102 - autograd protocol
+        rows_per_chunk, loss, fold_logits, hold_logits = settings
         need_weight, need_bias, need_features, need_logits = ctx.needs_input_grad[1:5]
-        grad_features = torch.zeros_like(features) if need_features else None
-        grad_logits = torch.zeros_like(logits) if need_logits else None
         weight32 = at_least_float32(weight.detach())
+        leaves = {
+            "weight": weight32.requires_grad_(need_weight),
+            "norms": weight32.pow(2).sum(-1).requires_grad_(need_weight),  # a leaf of its own: see below
+        }
+        if bias is not None:
+            leaves["bias"] = at_least_float32(bias.detach()).requires_grad_(need_bias)
+        sums = {k: torch.zeros_like(v) for k, v in leaves.items() if v.requires_grad}
+        grad_features = torch.zeros_like(features) if need_features else None
+        grad_logits = torch.zeros_like(logits) if need_logits and not fold_logits else None
         total = torch.zeros((), dtype=weight32.dtype, device=weight.device)
         with torch.enable_grad():
-            # the row norms are a leaf of their own, so the per-chunk work never touches the whole weight twice
-            leaves = {"weight": weight32.requires_grad_(need_weight)}
-            leaves["norms"] = weight32.pow(2).sum(-1).detach().requires_grad_(need_weight)
-            if bias is not None:
-                leaves["bias"] = at_least_float32(bias.detach()).requires_grad_(need_bias)
-            sums = {k: torch.zeros_like(v) for k, v in leaves.items() if v.requires_grad}
-            rows_total = features.shape[0]
-            for start in range(0, rows_total, rows_per_chunk):
+            for start in range(0, features.shape[0], rows_per_chunk):
                 rows = slice(start, start + rows_per_chunk)
-                chunk = {
-                    "features": features[rows].detach().requires_grad_(need_features),
-                    "logits": None if logits is None else logits[rows].detach().requires_grad_(need_logits),
-                }
-                chunk_logits = chunk["logits"]
-                if chunk_logits is None:
+                chunk_features = features[rows].detach().requires_grad_(need_features)
+                if logits is not None:
+                    chunk_logits = logits[rows].detach().requires_grad_(grad_logits is not None or fold_logits)
+                else:
                     with torch.set_grad_enabled(not hold_logits):
-                        chunk_logits = at_least_float32(chunk["features"]) @ leaves["weight"].T
-                        chunk_logits = chunk_logits if bias is None else chunk_logits + leaves["bias"]
-                terms = _softmax_terms(leaves["weight"], leaves["norms"], chunk["features"], chunk_logits, mask[rows])
-                chunk_total = terms.sum()
+                        chunk_logits = at_least_float32(chunk_features) @ leaves["weight"].T
+                        chunk_logits = chunk_logits + leaves["bias"] if bias is not None else chunk_logits
+                chunk_total = _row_terms(loss, leaves["weight"], leaves["norms"], chunk_features, chunk_logits, mask[rows]).sum()
                 total += chunk_total.detach()
-                wanted = {**{k: leaves[k] for k in sums}, **{k: v for k, v in chunk.items() if v is not None and v.requires_grad}}
+                wanted = {k: leaves[k] for k in sums}
+                if chunk_features.requires_grad:
+                    wanted["features"] = chunk_features
+                if logits is not None and chunk_logits.requires_grad:
+                    wanted["logits"] = chunk_logits
                 if not wanted or not chunk_total.requires_grad:
                     continue
                 grads = dict(zip(wanted, torch.autograd.grad(chunk_total, list(wanted.values()), allow_unused=True)))
                 for key in sums:
-                    if grads[key] is not None:
+                    if grads.get(key) is not None:
                         sums[key] += grads[key]
-                if need_features and grads.get("features") is not None:
+                if grad_features is not None and grads.get("features") is not None:
                     grad_features[rows] = grads["features"]
-                if need_logits:
+                if grads.get("logits") is None:
+                    pass
+                elif fold_logits:
+                    chunk_grad = at_least_float32(grads["logits"])
+                    if "weight" in sums:
+                        sums["weight"] += chunk_grad.T @ at_least_float32(features[rows].detach())
+                    if "bias" in sums:
+                        sums["bias"] += chunk_grad.sum(0)
+                else:
                     grad_logits[rows] = grads["logits"]
         grad_weight = grad_bias = None
         if need_weight:
-            grad_weight = (sums["weight"] + 2 * sums["norms"].unsqueeze(-1) * weight32).to(weight.dtype)
+            # the row norms' gradient enters once here, rather than touching the whole weight in every chunk
+            grad_weight = (sums["weight"] + 2 * sums["norms"].unsqueeze(-1) * weight32.detach()).to(weight.dtype)
         if need_bias:
             grad_bias = sums["bias"].to(bias.dtype)
         ctx.save_for_backward(grad_weight, grad_bias, grad_features, grad_logits)
@@ -209,47 +257,26 @@ class _ChunkedSoftmaxFlatness(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):  # noqa: D102 - autograd protocol
         grads = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors]
-        return (None, *grads, None, None)
+        return (None, *grads, None)
 
 
-def fused_flatness_sum(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    features: torch.Tensor,
-    labels: torch.Tensor | None,
-    *,
-    gradient: str | None,
-    ignore_index: int = -100,
-) -> FlatnessSum:
-    """Return the cross-entropy :class:`FlatnessSum` of a head whose logits were never materialized.
-
-    Each chunk of rows computes its logits from ``features``, ``weight`` and ``bias``; ``gradient`` is a mode
-    of :func:`inputs_for_gradient` (or ``None`` for no gradient).
-    """
-    if gradient not in (None, *GRADIENT_MODES):
-        raise ValueError(f"Unknown fam_gradient {gradient!r}: use one of {GRADIENT_MODES}.")
-    dim = weight.shape[-1]
-    features = features.reshape(-1, dim)
-    if gradient is None:
-        weight, bias, features = weight.detach(), None if bias is None else bias.detach(), features.detach()
-    elif gradient != "full":
-        features = features.detach()
-    mask = _counted_rows(labels, features, ignore_index)
-    with _float32_math(features):
-        rows_per_chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
-        total = _ChunkedSoftmaxFlatness.apply(rows_per_chunk, weight, bias, features, None, mask, gradient == "weights")
-    return FlatnessSum(total, mask.sum())
+def _check_loss(loss: str) -> None:
+    if loss not in LOSSES:
+        raise ValueError(
+            f"Unknown loss {loss!r} for relative flatness: use one of {LOSSES} or pass a callable "
+            "(logits, labels) -> scalar loss that is a sum of per-row terms."
+        )
 
 
-def _counted_rows(labels: torch.Tensor | None, logits: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def _counted_rows(labels: torch.Tensor | None, features: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Return a 0/1 float mask of the rows cross-entropy averages over."""
-    rows = logits.shape[0]
-    dtype = at_least_float32(logits).dtype
+    rows = features.shape[0]
+    dtype = at_least_float32(features).dtype
     if labels is None or labels.is_floating_point():
-        return torch.ones(rows, dtype=dtype, device=logits.device)
+        return torch.ones(rows, dtype=dtype, device=features.device)
     flat = labels.reshape(-1)
     if flat.shape[0] != rows:
-        raise ValueError(f"labels give {flat.shape[0]} targets for {rows} rows of logits.")
+        raise ValueError(f"labels give {flat.shape[0]} targets for {rows} rows of features.")
     return (flat != ignore_index).to(dtype)
 
 

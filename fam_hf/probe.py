@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .flatness import FlatnessSum, at_least_float32, flatness_sum, fused_flatness_sum, inputs_for_gradient
+from .flatness import FlatnessSum, at_least_float32, head_flatness_sum
 from .head import _base_model, find_head, linear_weight
 from .rows import IGNORE_INDEX, HeadTask
 
@@ -38,7 +38,7 @@ class FlatnessProbe:
     """Finds a model's head and measures the relative flatness of every batch that runs through it.
 
     Use :meth:`watch` around a forward pass; the result appears on the yielded list once the head has run.
-    ``gradient`` is a mode of :func:`fam_hf.flatness.inputs_for_gradient`, or ``None`` to measure without a
+    ``gradient`` is a mode of :func:`fam_hf.inputs_for_gradient`, or ``None`` to measure without a
     graph. ``normalize`` divides by the head's input width; ``loss`` fixes the loss instead of following the model.
 
     ``fused=True`` is for causal LMs whose forward never runs the head (TRL's fused LM head): the probe then
@@ -115,15 +115,9 @@ class FlatnessProbe:
     def _measure(self, weight, bias, features, logits, request) -> BatchFlatness:
         features, logits, labels = self.task.select(features, logits, request["inputs"], request["labels"])
         loss = self.task.loss_for(labels)
-        if logits is None:
-            flatness = fused_flatness_sum(weight, bias, features, labels, gradient=request["gradient"])
-            return BatchFlatness(self._normalized(flatness, weight), loss)
-        if request["gradient"]:
-            weight, features, logits = inputs_for_gradient(request["gradient"], weight, bias, features, logits)
-        else:
-            weight, features, logits = weight.detach(), features.detach(), logits.detach()
-        result = BatchFlatness(self._normalized(flatness_sum(weight, features, logits, labels, loss=loss), weight), loss)
-        if request["with_task"] and labels is not None:
+        flatness = head_flatness_sum(request["gradient"], weight, bias, features, logits, labels, loss=loss)
+        result = BatchFlatness(self._normalized(flatness, weight), loss)
+        if request["with_task"] and labels is not None and logits is not None:
             result.task_loss, result.correct = _task_sums(logits.detach(), labels, loss)
         return result
 

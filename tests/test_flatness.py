@@ -209,7 +209,25 @@ def test_fused_head_without_logits_matches_the_materialized_head(gradient, monke
     expected = relative_flatness(*inputs_for_gradient(gradient, weight, bias, features, logits), labels)
     expected_grads = _grads(expected, inputs)
     monkeypatch.setattr(flatness, "CHUNK_ELEMENTS", 3 * WIDTH)
-    fused = flatness.fused_flatness_sum(weight, bias, features, labels, gradient=gradient)
+    fused = flatness.head_flatness_sum(gradient, weight, bias, features, None, labels)
     _assert_rel(fused.total / fused.rows, expected, tol=1e-12)
     for actual, wanted in zip(_grads(fused.total / fused.rows, inputs), expected_grads):
+        _assert_rel(actual, wanted, tol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce"])
+@pytest.mark.parametrize("gradient", ["full", "head", "weights"])
+def test_head_flatness_sum_gives_each_modes_gradient_without_a_graph_to_the_weight(loss, gradient):
+    """The trainer's path: value and gradient computed in forward, so a resharded weight is never read again."""
+    from fam_hf.flatness import head_flatness_sum
+
+    weight, bias, features, labels = _problem(loss)
+    inputs = (weight, bias, features)
+    logits = features @ weight.T + bias
+    expected = relative_flatness(*inputs_for_gradient(gradient, weight, bias, features, logits), labels, loss=loss)
+    expected_grads = _grads(expected, inputs)
+    logits = features @ weight.T + bias
+    flat = head_flatness_sum(gradient, weight, bias, features, logits, labels, loss=loss)
+    _assert_rel(flat.total / flat.rows, expected, tol=1e-12)
+    for actual, wanted in zip(_grads(flat.total / flat.rows, inputs), expected_grads):
         _assert_rel(actual, wanted, tol=1e-12)

@@ -23,9 +23,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--per_device_batch", type=int, default=8)
+    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP")
     args = parser.parse_args()
     results = {}
     distributed = {"ddp_backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
+    if args.fsdp:
+        distributed.update(fsdp="full_shard", fsdp_config={"version": 2, "reshard_after_forward": True})
     for case, (model_type, task, accepts_loss_kwargs) in CASES.items():
         model = build(model_type, task)
         if accepts_loss_kwargs is not None:
@@ -39,6 +42,8 @@ def main() -> None:
                 data_collator=collator(model.dtype),
             )
             trainer.train()
+            if os.environ.get("FAM_DEBUG"):
+                print("WRAPPED", type(trainer.model_wrapped).__name__, type(next(trainer.model.parameters())).__name__, trainer.accelerator.distributed_type)
         results[case] = {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
         results[case + "_world_size"] = trainer.args.world_size
     if trainer.is_world_process_zero():
