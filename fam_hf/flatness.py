@@ -95,6 +95,7 @@ def head_flatness_sum(
     *,
     loss: str = "cross_entropy",
     ignore_index: int = -100,
+    softcap: float | None = None,
 ) -> FlatnessSum:
     """Return the :class:`FlatnessSum` of a head as it runs, with the gradient that ``gradient`` names.
 
@@ -102,7 +103,9 @@ def head_flatness_sum(
     computed there, while a sharded weight (FSDP2, ZeRO-3) is whole; backward only scales the stored gradient,
     so nothing refers to the weight after it is resharded. ``gradient`` is a mode of
     :func:`inputs_for_gradient` or ``None`` for none. ``logits=None`` means the head's output was never
-    materialized (TRL's fused LM head): each chunk of rows computes its logits from the features.
+    materialized (TRL's fused LM head): each chunk of rows computes its logits from the features. ``softcap``
+    is Gemma-2's final logit soft-capping: the loss sees ``softcap * tanh(logits / softcap)``, and the Hessian
+    through the cap is exact (it then depends on the targets as well as the predictions).
     """
     if gradient not in (None, *GRADIENT_MODES):
         raise ValueError(f"Unknown fam_gradient {gradient!r}: use one of {GRADIENT_MODES}.")
@@ -119,9 +122,11 @@ def head_flatness_sum(
         if gradient == "weights":
             bias = None if bias is None else bias.detach()
     fold = gradient == "head" and logits is not None
+    if softcap is not None and loss != "cross_entropy":
+        raise ValueError(f"Logit soft-capping is supported with the cross-entropy loss only, not {loss!r}.")
     return _eager_flatness_sum(
         weight, bias if fold or logits is None else None, features, logits, labels, loss, ignore_index,
-        fold_logits=fold, hold_logits=gradient == "weights",
+        fold_logits=fold, hold_logits=gradient == "weights", softcap=softcap,
     )
 
 
@@ -131,7 +136,7 @@ CHUNK_ELEMENTS = 1 << 24
 
 
 def _eager_flatness_sum(
-    weight, bias, features, logits, labels, loss, ignore_index, fold_logits=False, hold_logits=False
+    weight, bias, features, logits, labels, loss, ignore_index, fold_logits=False, hold_logits=False, softcap=None
 ) -> FlatnessSum:
     width, dim = weight.shape
     features = features.reshape(-1, dim)
@@ -140,17 +145,22 @@ def _eager_flatness_sum(
         mask = _counted_rows(labels, features, ignore_index)
     else:
         mask = torch.ones(features.shape[0], dtype=at_least_float32(features).dtype, device=features.device)
-    settings = (max(1, CHUNK_ELEMENTS // width), loss, fold_logits, hold_logits)
+    targets = None
+    if softcap is not None:
+        targets = labels.reshape(features.shape[0], -1) if labels.is_floating_point() else labels.reshape(-1)
+    settings = (max(1, CHUNK_ELEMENTS // width), loss, fold_logits, hold_logits, softcap)
     with _float32_math(features):
-        total = _EagerFlatness.apply(settings, weight, bias, features, logits, mask)
+        total = _EagerFlatness.apply(settings, weight, bias, features, logits, mask, targets)
     return FlatnessSum(total, mask.sum())
 
 
-def _row_terms(loss, weight, row_norms, features, logits, mask) -> torch.Tensor:
+def _row_terms(loss, weight, row_norms, features, logits, mask, softcap=None, targets=None) -> torch.Tensor:
     """Return ``mask_i ||phi_i||^2 <W W^T, G_i>`` per row, ``G_i`` the loss's Hessian in row i's logits."""
     logits = at_least_float32(logits)
     width = logits.shape[-1]
-    if loss == "cross_entropy":
+    if loss == "cross_entropy" and softcap is not None:
+        curvature = _capped_softmax_curvature(weight, row_norms, logits, softcap, targets)
+    elif loss == "cross_entropy":
         curvature = _softmax_curvature(weight, row_norms, logits)
     elif loss == "mse":
         curvature = (2.0 / width) * row_norms.sum().expand(logits.shape[0])
@@ -186,6 +196,26 @@ def _softmax_curvature(weight: torch.Tensor, row_norms: torch.Tensor, logits: to
     return spread - (rest_mean_sq - 2 * rest_mass * cross + rest_mass.pow(2) * top_norm)
 
 
+def _capped_softmax_curvature(weight, row_norms, logits, cap: float, targets: torch.Tensor) -> torch.Tensor:
+    """Return ``<W W^T, H_i>`` per row for cross-entropy on ``cap * tanh(logits / cap)``.
+
+    With ``c`` the cap applied elementwise, ``H = J (diag(p) - p p^T) J + diag((p - y) c'')`` and ``J = diag(c')``:
+    the variance of the rows ``c'_s w_s`` under the softmax, plus a term in the targets ``y``.
+    """
+    unit = torch.tanh(logits / cap)
+    slope = 1 - unit.pow(2)
+    bend = -2 * unit * slope / cap
+    probs = torch.softmax(cap * unit, dim=-1)
+    weighted = probs * slope
+    variance = (weighted * slope) @ row_norms - (weighted @ weight).pow(2).sum(-1)
+    if targets.is_floating_point():
+        target_term = (at_least_float32(targets) * bend) @ row_norms
+    else:
+        index = targets.clamp(min=0).unsqueeze(-1)
+        target_term = bend.gather(-1, index).squeeze(-1) * row_norms[index.squeeze(-1)]
+    return variance + (probs * bend) @ row_norms - target_term
+
+
 class _EagerFlatness(torch.autograd.Function):
     """Sum of the per-row terms over row chunks, each chunk's gradient taken in forward as it is computed.
 
@@ -196,8 +226,8 @@ class _EagerFlatness(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, settings, weight, bias, features, logits, mask):  # noqa: D102 - autograd protocol
-        rows_per_chunk, loss, fold_logits, hold_logits = settings
+    def forward(ctx, settings, weight, bias, features, logits, mask, targets):  # noqa: D102 - autograd protocol
+        rows_per_chunk, loss, fold_logits, hold_logits, softcap = settings
         need_weight, need_bias, need_features, need_logits = ctx.needs_input_grad[1:5]
         weight32 = at_least_float32(weight.detach())
         leaves = {
@@ -220,7 +250,10 @@ class _EagerFlatness(torch.autograd.Function):
                     with torch.set_grad_enabled(not hold_logits):
                         chunk_logits = at_least_float32(chunk_features) @ leaves["weight"].T
                         chunk_logits = chunk_logits + leaves["bias"] if bias is not None else chunk_logits
-                chunk_total = _row_terms(loss, leaves["weight"], leaves["norms"], chunk_features, chunk_logits, mask[rows]).sum()
+                chunk_targets = None if targets is None else targets[rows]
+                chunk_total = _row_terms(
+                    loss, leaves["weight"], leaves["norms"], chunk_features, chunk_logits, mask[rows], softcap, chunk_targets
+                ).sum()
                 total += chunk_total.detach()
                 wanted = {k: leaves[k] for k in sums}
                 if chunk_features.requires_grad:
@@ -257,7 +290,7 @@ class _EagerFlatness(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):  # noqa: D102 - autograd protocol
         grads = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors]
-        return (None, *grads, None)
+        return (None, *grads, None, None)
 
 
 def _check_loss(loss: str) -> None:

@@ -115,10 +115,15 @@ class FlatnessProbe:
     def _measure(self, weight, bias, features, logits, request) -> BatchFlatness:
         features, logits, labels = self.task.select(features, logits, request["inputs"], request["labels"])
         loss = self.task.loss_for(labels)
-        flatness = head_flatness_sum(request["gradient"], weight, bias, features, logits, labels, loss=loss)
+        flatness = head_flatness_sum(
+            request["gradient"], weight, bias, features, logits, labels, loss=loss, softcap=self.task.softcap
+        )
         result = BatchFlatness(self._normalized(flatness, weight), loss)
         if request["with_task"] and labels is not None and logits is not None:
-            result.task_loss, result.correct = _task_sums(logits.detach(), labels, loss)
+            task_logits = logits.detach()
+            if self.task.softcap is not None:
+                task_logits = self.task.softcap * torch.tanh(at_least_float32(task_logits) / self.task.softcap)
+            result.task_loss, result.correct = _task_sums(task_logits, labels, loss)
         return result
 
     def _normalized(self, flatness: FlatnessSum, weight: torch.Tensor) -> FlatnessSum:

@@ -29,6 +29,7 @@ class HeadTask:
     problem_type: str | None = None
     num_labels: int | None = None
     pad_token_id: int | None = None
+    softcap: float | None = None  # Gemma-2's final logit soft-capping, applied after the head
 
     @classmethod
     def from_model(cls, model: nn.Module, loss: str | None = None) -> HeadTask:
@@ -53,6 +54,7 @@ class HeadTask:
             problem_type=getattr(config, "problem_type", None),
             num_labels=getattr(config, "num_labels", None),
             pad_token_id=getattr(text_config, "pad_token_id", None),
+            softcap=getattr(text_config, "final_logit_softcapping", None),
         )
 
     def loss_for(self, labels: torch.Tensor | None) -> str:
@@ -81,6 +83,12 @@ class HeadTask:
             shifted = inputs.get("shift_labels")
             if shifted is None:
                 shifted = nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+            if shifted.shape != features.shape[:-1]:
+                raise ValueError(
+                    f"The LM head produced {tuple(features.shape[:-1])} positions but the labels cover "
+                    f"{tuple(shifted.shape)}. With logits_to_keep, pass labels (or shift_labels) for the kept "
+                    "positions only, as the model's own loss requires."
+                )
             return features, logits, shifted
         if self.kind == _SEQUENCE and logits.dim() == 3:
             index = self._last_token(inputs, logits)

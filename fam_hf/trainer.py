@@ -40,6 +40,7 @@ class FAMMixin:
                 f"{type(self).__name__} needs FAMTrainingArguments, got {type(self.args).__name__}; replace "
                 "TrainingArguments(...) with fam_hf.FAMTrainingArguments(...) (same fields, plus fam_*)."
             )
+        check_sharding(self.accelerator)
         self._fam_lambda: float | None = self.args.fam_lambda
         self._fam_probe: FlatnessProbe | None = None
         self._fam_divisor_uses_num_items: bool | None = None
@@ -290,6 +291,17 @@ class FAMTrainer(FAMMixin, Trainer):
         trainer.train()  # logs loss, task_loss, relative_flatness; evaluate() adds eval_relative_flatness
         ```
     """
+
+
+def check_sharding(accelerator: Any) -> None:
+    """Refuse FSDP1, whose flat parameters hide the head's weight; FSDP2 and ZeRO-3 are supported."""
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    if plugin is not None and getattr(plugin, "fsdp_version", 1) == 1:
+        raise ValueError(
+            "FAMTrainer supports FSDP2, not FSDP1: the penalty reads the head's weight inside its forward, which "
+            "FSDP1 flattens into a shared buffer. Set fsdp_config={'version': 2} (accelerate config: "
+            "fsdp_version: 2); recipes/accelerate/fsdp2.yaml is ready to use."
+        )
 
 
 def _as_tensor(value: torch.Tensor | int | float, like: torch.Tensor) -> torch.Tensor:

@@ -251,3 +251,62 @@ def test_checkpoint_saves_and_resumes_with_the_fam_settings(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="fam_hf.trainer"):
         changed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
     assert "differ from the checkpoint" in caplog.text and "fam_normalize" in caplog.text
+
+
+def test_torch_compile_trains_with_the_exact_penalty(tmp_path):
+    """Dynamo traces the model with the head's hook (a graph break); the eager backend keeps the test fast."""
+    model = build("bert", "sequence")
+    batch = batch_for(model)
+    expected = expected_update(model, batch, fam_lambda=2.0, gradient="head")
+    actual, _ = _train_one_step(model, batch, tmp_path, fam_lambda=2.0, torch_compile=True, torch_compile_backend="eager")
+    assert_updates_close(actual, expected)
+
+
+def test_softcapped_logits_get_the_exact_hessian_through_the_cap(tmp_path):
+    """Gemma-2 caps its logits after the head; the penalty is that of the loss on the capped logits."""
+    import torch.nn.functional as F
+
+    model = build("gemma2", "causal_lm")
+    cap = model.config.final_logit_softcapping
+    batch = batch_for(model)
+    capped_ce = lambda z, y: F.cross_entropy(cap * torch.tanh(z / cap), y)  # noqa: E731
+    expected = expected_update(model, batch, fam_lambda=2.0, gradient="full", loss=capped_ce)
+    uncapped = expected_update(model, batch, fam_lambda=2.0, gradient="full")
+    actual, _ = _train_one_step(model, batch, tmp_path, fam_lambda=2.0, fam_gradient="full")
+    assert_updates_close(actual, expected, rtol=1e-6)  # Gemma-2's RMSNorm runs in float32 even in a float64 model
+    assert max(float((expected[n] - uncapped[n]).abs().max()) for n in expected) > 1e-3  # the cap matters here
+
+
+def test_logits_to_keep_uses_the_kept_positions(tmp_path):
+    model = build("llama", "causal_lm")
+    batch = batch_for(model)
+    batch["labels"] = batch["labels"][:, -3:]
+    expected = expected_update(model, {**batch, "logits_to_keep": 3}, fam_lambda=2.0, gradient="full")
+    before = snapshot(model)
+    base_collate = collator(model.dtype)
+    trainer = FAMTrainer(model=model, args=sgd_args(tmp_path, fam_lambda=2.0, fam_gradient="full"),
+                         train_dataset=as_dataset(batch), data_collator=lambda ex: {**base_collate(ex), "logits_to_keep": 3})
+    trainer.train()
+    assert_updates_close(updates(before, model), expected)
+
+
+def test_labels_for_positions_the_head_did_not_produce_are_refused(tmp_path):
+    model = build("llama", "causal_lm")
+    batch = batch_for(model)
+    base_collate = collator(model.dtype)
+    trainer = FAMTrainer(model=model, args=sgd_args(tmp_path, fam_lambda=2.0), train_dataset=as_dataset(batch),
+                         data_collator=lambda ex: {**base_collate(ex), "logits_to_keep": 3})
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        trainer.train()
+
+
+def test_fsdp1_is_refused_with_fsdp2_named_as_the_way():
+    from types import SimpleNamespace
+
+    from fam_hf.trainer import check_sharding
+
+    fsdp1 = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1)))
+    with pytest.raises(ValueError, match="FSDP2.*version': 2"):
+        check_sharding(fsdp1)
+    check_sharding(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2))))
+    check_sharding(SimpleNamespace(state=SimpleNamespace()))

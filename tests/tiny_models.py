@@ -40,6 +40,11 @@ CONFIGS = {
         "llama", hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
         intermediate_size=24, vocab_size=VOCAB, max_position_embeddings=32, pad_token_id=0, num_labels=3,
     ),
+    "gemma2": lambda: AutoConfig.for_model(
+        "gemma2", hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+        intermediate_size=24, vocab_size=VOCAB, max_position_embeddings=32, pad_token_id=0,
+        final_logit_softcapping=2.0, attention_dropout=0.0,
+    ),
     "vit": lambda: AutoConfig.for_model(
         "vit", hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24, image_size=8,
         patch_size=4, num_channels=1, num_labels=4, **NO_DROPOUT,
@@ -121,7 +126,7 @@ def sgd_args(tmp_path, batch_size: int = 8, accumulation: int = 1, **fam) -> FAM
         lr_scheduler_type="constant",
         weight_decay=0.0,
         max_grad_norm=0.0,
-        use_cpu=True,
+        use_cpu=fam.pop("use_cpu", True),
         report_to=[],
         save_strategy="no",
         logging_steps=1,
@@ -145,7 +150,9 @@ def loss_rows(model, batch, features, logits):
     return features[keep], labels[keep]
 
 
-def expected_update(model, batch, fam_lambda: float, lr: float = 0.5, gradient: str = "full") -> dict[str, torch.Tensor]:
+def expected_update(
+    model, batch, fam_lambda: float, lr: float = 0.5, gradient: str = "full", loss="cross_entropy"
+) -> dict[str, torch.Tensor]:
     """Return ``-lr * grad(task_loss + fam_lambda * brute-force kappa)`` for every trainable parameter."""
     model = copy.deepcopy(model)
     model.train()
@@ -158,7 +165,7 @@ def expected_update(model, batch, fam_lambda: float, lr: float = 0.5, gradient: 
     weight, bias = linear_weight(head)
     if gradient != "full":
         features = features.detach()
-    kappa = hessian_relative_flatness(weight, features, labels, bias, hold_traces=gradient == "weights")
+    kappa = hessian_relative_flatness(weight, features, labels, bias, loss=loss, hold_traces=gradient == "weights")
     total = task_loss + fam_lambda * kappa
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
     grads = torch.autograd.grad(total, params, allow_unused=True)

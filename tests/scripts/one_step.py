@@ -23,27 +23,26 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--per_device_batch", type=int, default=8)
-    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP")
+    parser.add_argument("--deepspeed", action="store_true", help="shard with DeepSpeed ZeRO-3 (GPUs only)")
     args = parser.parse_args()
     results = {}
     distributed = {"ddp_backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
-    if args.fsdp:
-        distributed.update(fsdp="full_shard", fsdp_config={"version": 2, "reshard_after_forward": True})
+    if args.deepspeed:
+        distributed = {"deepspeed": {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
+                                     "gradient_accumulation_steps": "auto"}}
     for case, (model_type, task, accepts_loss_kwargs) in CASES.items():
-        model = build(model_type, task)
+        model = build(model_type, task, dtype=torch.float32 if args.deepspeed else torch.float64)
         if accepts_loss_kwargs is not None:
             model.accepts_loss_kwargs = accepts_loss_kwargs
         batch = batch_for(model, size=8)
         with tempfile.TemporaryDirectory() as tmp:
             trainer = FAMTrainer(
                 model=model,
-                args=sgd_args(tmp, batch_size=args.per_device_batch, fam_lambda=2.0, fam_gradient="full", **distributed),
+                args=sgd_args(tmp, batch_size=args.per_device_batch, fam_lambda=2.0, fam_gradient="full", use_cpu=not args.deepspeed, **distributed),
                 train_dataset=as_dataset(batch),
                 data_collator=collator(model.dtype),
             )
             trainer.train()
-            if os.environ.get("FAM_DEBUG"):
-                print("WRAPPED", type(trainer.model_wrapped).__name__, type(next(trainer.model.parameters())).__name__, trainer.accelerator.distributed_type)
         results[case] = {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
         results[case + "_world_size"] = trainer.args.world_size
     if trainer.is_world_process_zero():
