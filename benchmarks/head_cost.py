@@ -44,7 +44,12 @@ def measure(name: str, reps: int) -> list[dict]:
     bias = torch.zeros(width, requires_grad=True)
     features = torch.randn(batch, tokens, dim, requires_grad=True)
     labels = torch.randint(0, width, (batch, tokens))
-    arms = {"plain": dict(mode=None), "full": dict(mode="full"), "head": dict(mode="head"), "weights": dict(mode="weights")}
+    arms = {
+        "plain": dict(mode=None),
+        "full": dict(mode="full"),
+        "head": dict(mode="head"),
+        "weights": dict(mode="weights"),
+    }
     hessian_bytes = (width * dim) ** 2 * 4
     if hessian_bytes <= HESSIAN_LIMIT_BYTES:
         arms["hessian (authors' route)"] = dict(mode=None, hessian=True)
@@ -61,8 +66,15 @@ def measure(name: str, reps: int) -> list[dict]:
         for arm, t in times.items()
     ]
     if "hessian (authors' route)" not in arms:
-        rows.append({"head": name, "arm": "hessian (authors' route)", "median_ms": None, "ratio": None,
-                     "note": f"out of memory: the Hessian alone needs {hessian_bytes / 1e12:.1f} TB"})
+        rows.append(
+            {
+                "head": name,
+                "arm": "hessian (authors' route)",
+                "median_ms": None,
+                "ratio": None,
+                "note": f"out of memory: the Hessian alone needs {hessian_bytes / 1e12:.1f} TB",
+            }
+        )
     return rows
 
 

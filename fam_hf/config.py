@@ -68,11 +68,11 @@ class FAMTrainingArguments(TrainingArguments):
     )
     fam_layer: str | None = field(
         default=None,
-        metadata={"help": "Dotted name of the head (the linear layer producing the logits); unset: found automatically."},
+        metadata={
+            "help": "Dotted name of the head (the linear layer producing the logits); unset: found automatically."
+        },
     )
-    fam_normalize: bool = field(
-        default=False, metadata={"help": "Divide relative flatness by the head's input width."}
-    )
+    fam_normalize: bool = field(default=False, metadata={"help": "Divide relative flatness by the head's input width."})
     fam_gradient: str = field(
         default="head",
         metadata={"help": "What the penalty trains: full, head (default) or weights.", "choices": list(GRADIENT_MODES)},

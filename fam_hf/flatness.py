@@ -125,8 +125,16 @@ def head_flatness_sum(
     if softcap is not None and loss != "cross_entropy":
         raise ValueError(f"Logit soft-capping is supported with the cross-entropy loss only, not {loss!r}.")
     return _eager_flatness_sum(
-        weight, bias if fold or logits is None else None, features, logits, labels, loss, ignore_index,
-        fold_logits=fold, hold_logits=gradient == "weights", softcap=softcap,
+        weight,
+        bias if fold or logits is None else None,
+        features,
+        logits,
+        labels,
+        loss,
+        ignore_index,
+        fold_logits=fold,
+        hold_logits=gradient == "weights",
+        softcap=softcap,
     )
 
 
@@ -226,7 +234,7 @@ class _EagerFlatness(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, settings, weight, bias, features, logits, mask, targets):  # noqa: D102 - autograd protocol
+    def forward(ctx, settings, weight, bias, features, logits, mask, targets):
         rows_per_chunk, loss, fold_logits, hold_logits, softcap = settings
         need_weight, need_bias, need_features, need_logits = ctx.needs_input_grad[1:5]
         weight32 = at_least_float32(weight.detach())
@@ -252,7 +260,14 @@ class _EagerFlatness(torch.autograd.Function):
                         chunk_logits = chunk_logits + leaves["bias"] if bias is not None else chunk_logits
                 chunk_targets = None if targets is None else targets[rows]
                 chunk_total = _row_terms(
-                    loss, leaves["weight"], leaves["norms"], chunk_features, chunk_logits, mask[rows], softcap, chunk_targets
+                    loss,
+                    leaves["weight"],
+                    leaves["norms"],
+                    chunk_features,
+                    chunk_logits,
+                    mask[rows],
+                    softcap,
+                    chunk_targets,
                 ).sum()
                 total += chunk_total.detach()
                 wanted = {k: leaves[k] for k in sums}
@@ -288,7 +303,7 @@ class _EagerFlatness(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, grad_total):  # noqa: D102 - autograd protocol
+    def backward(ctx, grad_total):
         grads = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors]
         return (None, *grads, None, None)
 
@@ -390,13 +405,13 @@ class _HeadLogits(torch.autograd.Function):
     """The head's logits as a function of its weight and bias only, without recomputing the forward pass."""
 
     @staticmethod
-    def forward(ctx, logits, features, weight, bias):  # noqa: D102 - autograd protocol
+    def forward(ctx, logits, features, weight, bias):
         ctx.save_for_backward(features)
         ctx.has_bias = bias is not None
         return logits.view_as(logits)
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102 - autograd protocol
+    def backward(ctx, grad):
         (features,) = ctx.saved_tensors
         grad_rows = grad.reshape(-1, grad.shape[-1])
         feature_rows = features.reshape(-1, features.shape[-1]).to(grad_rows.dtype)

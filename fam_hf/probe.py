@@ -106,7 +106,9 @@ class FlatnessProbe:
             features = args[0] if args else None
             logits = output[0] if isinstance(output, tuple) else output
             if not isinstance(features, torch.Tensor) or not isinstance(logits, torch.Tensor):
-                raise ValueError(f"The head {self.head_name!r} did not take and return tensors; name another fam_layer.")
+                raise ValueError(
+                    f"The head {self.head_name!r} did not take and return tensors; name another fam_layer."
+                )
             weight, bias = linear_weight(module)
         grad_context = contextlib.nullcontext() if request["gradient"] else torch.no_grad()
         with grad_context:

@@ -56,7 +56,10 @@ class FAMMixin:
         if self._fam_probe is None:
             loss = None if self.args.fam_loss == "auto" else self.args.fam_loss
             self._fam_probe = FlatnessProbe(
-                self.model, head=self.args.fam_layer, loss=loss, normalize=self.args.fam_normalize,
+                self.model,
+                head=self.args.fam_layer,
+                loss=loss,
+                normalize=self.args.fam_normalize,
                 fused=self.fam_fused_head,
             )
             logger.info("FAM: penalising the relative flatness of head %r", self._fam_probe.head_name)
@@ -93,13 +96,18 @@ class FAMMixin:
 
         penalty = batch.flatness.total / self._fam_divisor(batch, outputs, num_items_in_batch)
         penalty = penalty * self._fam_trainer_scale(num_items_in_batch)
-        self._fam_check_finite(penalty)
+        if penalize:
+            self._fam_check_finite(penalty)
         if self._fam_lambda is None:
             self._fam_lambda = self._fam_calibrate(loss.detach(), penalty.detach())
         task_loss = loss.detach()
         if penalize:
             loss = loss + self._fam_lambda * penalty
-        scale = 1.0 if self._fam_loss_is_scaled_for_ga(num_items_in_batch) else 1.0 / self.current_gradient_accumulation_steps
+        scale = (
+            1.0
+            if self._fam_loss_is_scaled_for_ga(num_items_in_batch)
+            else 1.0 / self.current_gradient_accumulation_steps
+        )
         self._fam_accumulate(self._fam_train_sums, task_loss=task_loss * scale, relative_flatness=penalty * scale)
         return (loss, outputs) if return_outputs else loss
 
@@ -193,7 +201,10 @@ class FAMMixin:
         value = self.args.fam_share * abs(task_value) / penalty_value
         logger.info(
             "FAM: fam_lambda=%.4g, so that the penalty (%.4g) is %.2g of the task loss (%.4g) on the first batch",
-            value, penalty_value, self.args.fam_share, task_value,
+            value,
+            penalty_value,
+            self.args.fam_share,
+            task_value,
         )
         return value
 
@@ -260,7 +271,11 @@ class FAMMixin:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
-            settings = {**self.args.fam_settings(), "resolved_fam_lambda": self._fam_lambda, "head": self.fam_probe().head_name}
+            settings = {
+                **self.args.fam_settings(),
+                "resolved_fam_lambda": self._fam_lambda,
+                "head": self.fam_probe().head_name,
+            }
             with open(os.path.join(output_dir, FAM_CONFIG_NAME), "w") as handle:
                 json.dump(settings, handle, indent=2)
 
@@ -268,7 +283,9 @@ class FAMMixin:
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         path = os.path.join(resume_from_checkpoint, FAM_CONFIG_NAME)
         if not os.path.isfile(path):
-            logger.warning("FAM: %s has no %s; resuming with the current FAM settings.", resume_from_checkpoint, FAM_CONFIG_NAME)
+            logger.warning(
+                "FAM: %s has no %s; resuming with the current FAM settings.", resume_from_checkpoint, FAM_CONFIG_NAME
+            )
             return
         with open(path) as handle:
             saved = json.load(handle)
@@ -304,5 +321,5 @@ def check_sharding(accelerator: Any) -> None:
         )
 
 
-def _as_tensor(value: torch.Tensor | int | float, like: torch.Tensor) -> torch.Tensor:
+def _as_tensor(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
     return value.to(like.device) if isinstance(value, torch.Tensor) else torch.tensor(value, device=like.device)

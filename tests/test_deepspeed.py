@@ -27,8 +27,14 @@ def test_zero3_two_processes_match_one_process(tmp_path):
         ([sys.executable, str(SCRIPT)], "one.pt"),
         ([torchrun, "--nproc_per_node", "2", str(SCRIPT), "--deepspeed", "--per_device_batch", "4"], "two.pt"),
     ):
-        result = subprocess.run([*command, "--out", str(tmp_path / out)], cwd=tmp_path, env=dict(os.environ),
-                                capture_output=True, text=True, timeout=900)
+        result = subprocess.run(
+            [*command, "--out", str(tmp_path / out)],
+            cwd=tmp_path,
+            env=dict(os.environ),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     for case in ("causal_lm", "classifier"):

@@ -95,6 +95,7 @@ def test_invariant_to_rescaling_head_against_features(scale):
     kappa = relative_flatness(weight, features, logits, labels)
     rescaled = relative_flatness(weight * scale, features / scale, logits, labels)
     _assert_rel(rescaled, kappa, tol=1e-12)
+
     # the plain Hessian trace, which ignores the weights, is not invariant: the setting is a real test
     def hessian_trace(w, phi):
         hessian = torch.func.hessian(lambda w_: F.cross_entropy(phi @ w_.T + bias, labels))(w.detach())
@@ -139,7 +140,9 @@ def test_weights_mode_holds_the_traces(loss):
 
 
 def test_bf16_inputs_are_reduced_in_float32_within_1e_2():
-    weight, bias, features, labels = (t.detach().float() if t.is_floating_point() else t for t in _problem("cross_entropy"))
+    weight, bias, features, labels = (
+        t.detach().float() if t.is_floating_point() else t for t in _problem("cross_entropy")
+    )
     logits = features @ weight.T + bias
     exact = relative_flatness(weight, features, logits, labels)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -168,7 +171,7 @@ def test_unknown_gradient_mode_is_refused():
 
 @pytest.mark.parametrize("gradient", ["full", "head", "weights"])
 def test_chunked_rows_give_the_same_value_and_gradients(gradient, monkeypatch):
-    import fam_hf.flatness as flatness
+    from fam_hf import flatness
 
     weight, bias, features, labels = _problem("cross_entropy", leading=(3, 5))
     inputs = (weight, bias, features)
@@ -201,7 +204,7 @@ def test_wide_heads_use_the_feature_route_and_agree_with_brute_force():
 
 @pytest.mark.parametrize("gradient", ["full", "head", "weights"])
 def test_fused_head_without_logits_matches_the_materialized_head(gradient, monkeypatch):
-    import fam_hf.flatness as flatness
+    from fam_hf import flatness
 
     weight, bias, features, labels = _problem("cross_entropy", leading=(3, 5))
     inputs = (weight, bias, features)

@@ -2,12 +2,17 @@
 
 import pytest
 import torch
+from tiny_models import build
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForMaskedLM, AutoModelForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoModelForImageClassification,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+)
 
 from fam_hf import find_head
 from fam_hf.head import linear_weight
-from tiny_models import CONFIGS, build
 
 SMALL = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24)
 
@@ -32,8 +37,17 @@ def test_finds_the_head_of_each_family(model_type, task, expected):
 
 def test_finds_bart_resnet_and_masked_lm_heads():
     bart = AutoModelForSequenceClassification.from_config(
-        AutoConfig.for_model("bart", d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                             decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, vocab_size=40)
+        AutoConfig.for_model(
+            "bart",
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=24,
+            decoder_ffn_dim=24,
+            vocab_size=40,
+        )
     )
     resnet = AutoModelForImageClassification.from_config(
         AutoConfig.for_model("resnet", embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from tiny_models import as_dataset, batch_for, build, collator, loss_rows
 
 from fam_hf import measure_relative_flatness
 from fam_hf.reference import hessian_relative_flatness
-from tiny_models import as_dataset, batch_for, build, collator, loss_rows
 
 
 def _brute_force(model, batch):
@@ -16,7 +16,9 @@ def _brute_force(model, batch):
         out = model(**batch)
     handle.remove()
     features, labels = loss_rows(model, batch, seen["features"], seen["logits"])
-    kappa = hessian_relative_flatness(model.classifier.weight.detach(), features, labels, model.classifier.bias.detach())
+    kappa = hessian_relative_flatness(
+        model.classifier.weight.detach(), features, labels, model.classifier.bias.detach()
+    )
     accuracy = float((out.logits.argmax(-1) == batch["labels"]).double().mean())
     return float(kappa), float(out.loss), accuracy
 
@@ -24,7 +26,9 @@ def _brute_force(model, batch):
 def test_dataset_measure_equals_brute_force_over_all_rows():
     model = build("bert", "sequence")
     batch = batch_for(model, size=10)
-    report = measure_relative_flatness(model, as_dataset(batch), batch_size=4, collate_fn=collator(model.dtype), progress=False)
+    report = measure_relative_flatness(
+        model, as_dataset(batch), batch_size=4, collate_fn=collator(model.dtype), progress=False
+    )
     kappa, loss, accuracy = _brute_force(model, batch)
     assert report.relative_flatness == pytest.approx(kappa, rel=1e-9)
     assert report.loss == pytest.approx(loss, rel=1e-9)

@@ -5,17 +5,29 @@ import torch
 
 pytest.importorskip("trl")
 
-from datasets import Dataset  # noqa: E402
+from datasets import Dataset
+from tiny_models import assert_updates_close, build, expected_update, snapshot, tiny_tokenizer, updates
 
-from fam_hf.sft import FAMSFTConfig, FAMSFTTrainer  # noqa: E402
-from tiny_models import assert_updates_close, build, expected_update, snapshot, tiny_tokenizer, updates  # noqa: E402
+from fam_hf.sft import FAMSFTConfig, FAMSFTTrainer
 
 
 def _config(tmp_path, **fam):
     return FAMSFTConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=1, learning_rate=0.5, optim="sgd",
-        lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, use_cpu=True, report_to=[],
-        save_strategy="no", logging_steps=1, disable_tqdm=True, bf16=False, **fam,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=1,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        bf16=False,
+        **fam,
     )
 
 
@@ -28,8 +40,10 @@ def test_sft_step_equals_gradient_of_sft_loss_plus_brute_force_kappa(gradient, t
     plain = expected_update(model, batch, fam_lambda=0.0)
     before = snapshot(model)
     trainer = FAMSFTTrainer(
-        model=model, args=_config(tmp_path, fam_lambda=2.0, fam_gradient=gradient),
-        train_dataset=Dataset.from_dict({"input_ids": input_ids.tolist()}), processing_class=tiny_tokenizer(),
+        model=model,
+        args=_config(tmp_path, fam_lambda=2.0, fam_gradient=gradient),
+        train_dataset=Dataset.from_dict({"input_ids": input_ids.tolist()}),
+        processing_class=tiny_tokenizer(),
     )
     trainer.train()
     # TRL's fused log-softmax runs in float32 whatever the model's dtype: compare at float32 precision, far

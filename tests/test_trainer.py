@@ -4,9 +4,6 @@ import logging
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
-
-from fam_hf import FAMTrainer, FAMTrainingArguments
 from tiny_models import (
     as_dataset,
     assert_updates_close,
@@ -18,6 +15,9 @@ from tiny_models import (
     snapshot,
     updates,
 )
+from transformers import Trainer, TrainingArguments
+
+from fam_hf import FAMTrainer, FAMTrainingArguments
 
 MODELS = [
     ("bert", "sequence"),
@@ -80,12 +80,28 @@ def test_lambda_zero_is_the_plain_trainer_bit_for_bit(tmp_path):
     model = build("bert", "sequence", dtype=torch.float32)
     batch = batch_for(model, size=16)
     reference = build("bert", "sequence", dtype=torch.float32)
-    common = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, use_cpu=True, report_to=[],
-                  save_strategy="no", seed=3, disable_tqdm=True)
-    Trainer(model=reference, args=TrainingArguments(**common), train_dataset=as_dataset(batch),
-            data_collator=collator(torch.float32)).train()
-    FAMTrainer(model=model, args=FAMTrainingArguments(**common, fam_lambda=0.0), train_dataset=as_dataset(batch),
-               data_collator=collator(torch.float32)).train()
+    common = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        seed=3,
+        disable_tqdm=True,
+    )
+    Trainer(
+        model=reference,
+        args=TrainingArguments(**common),
+        train_dataset=as_dataset(batch),
+        data_collator=collator(torch.float32),
+    ).train()
+    FAMTrainer(
+        model=model,
+        args=FAMTrainingArguments(**common, fam_lambda=0.0),
+        train_dataset=as_dataset(batch),
+        data_collator=collator(torch.float32),
+    ).train()
     for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
         assert torch.equal(a, b), name
 
@@ -93,8 +109,9 @@ def test_lambda_zero_is_the_plain_trainer_bit_for_bit(tmp_path):
 def test_causal_lm_accumulation_gives_the_full_batch_update(tmp_path):
     batch = batch_for(build("llama", "causal_lm"))
     full, _ = _train_one_step(build("llama", "causal_lm"), batch, tmp_path, fam_lambda=2.0, fam_gradient="full")
-    split, _ = _train_one_step(build("llama", "causal_lm"), batch, tmp_path, batch_size=4, accumulation=2,
-                               fam_lambda=2.0, fam_gradient="full")
+    split, _ = _train_one_step(
+        build("llama", "causal_lm"), batch, tmp_path, batch_size=4, accumulation=2, fam_lambda=2.0, fam_gradient="full"
+    )
     assert_updates_close(split, full)
 
 
@@ -102,12 +119,21 @@ def test_classifier_that_ignores_num_items_scales_the_penalty_like_its_loss(tmp_
     """BERT's loss ignores num_items_in_batch, so the Trainer's update doubles with 2 accumulation steps."""
     batch = batch_for(build("bert", "sequence"))
     plain_full, _ = _train_one_step(build("bert", "sequence"), batch, tmp_path, fam_lambda=0.0)
-    plain_split, _ = _train_one_step(build("bert", "sequence"), batch, tmp_path, batch_size=4, accumulation=2, fam_lambda=0.0)
+    plain_split, _ = _train_one_step(
+        build("bert", "sequence"), batch, tmp_path, batch_size=4, accumulation=2, fam_lambda=0.0
+    )
     assert_updates_close({n: v / 2 for n, v in plain_split.items()}, plain_full)  # the Trainer's own behaviour
     fam_full, _ = _train_one_step(build("bert", "sequence"), batch, tmp_path, fam_lambda=2.0, fam_gradient="full")
     with caplog.at_level(logging.WARNING, logger="fam_hf.trainer"):
-        fam_split, _ = _train_one_step(build("bert", "sequence"), batch, tmp_path, batch_size=4, accumulation=2,
-                                       fam_lambda=2.0, fam_gradient="full")
+        fam_split, _ = _train_one_step(
+            build("bert", "sequence"),
+            batch,
+            tmp_path,
+            batch_size=4,
+            accumulation=2,
+            fam_lambda=2.0,
+            fam_gradient="full",
+        )
     assert_updates_close({n: v / 2 for n, v in fam_split.items()}, fam_full)
     assert "ignores num_items_in_batch" in caplog.text
 
@@ -117,7 +143,9 @@ def test_classifier_without_loss_kwargs_averages_accumulated_micro_batches(tmp_p
     full, _ = _train_one_step(build("bert", "sequence"), batch, tmp_path, fam_lambda=2.0, fam_gradient="full")
     model = build("bert", "sequence")
     model.accepts_loss_kwargs = False
-    split, _ = _train_one_step(model, batch, tmp_path, batch_size=4, accumulation=2, fam_lambda=2.0, fam_gradient="full")
+    split, _ = _train_one_step(
+        model, batch, tmp_path, batch_size=4, accumulation=2, fam_lambda=2.0, fam_gradient="full"
+    )
     assert_updates_close(split, full)
 
 
@@ -139,13 +167,18 @@ def test_calibrated_lambda_makes_the_first_penalty_its_share_of_the_loss(tmp_pat
 
 
 def test_evaluate_reports_relative_flatness_of_the_whole_dataset(tmp_path):
-    from fam_hf.reference import hessian_relative_flatness
     from tiny_models import loss_rows
+
+    from fam_hf.reference import hessian_relative_flatness
 
     model = build("gpt2", "sequence")
     batch = batch_for(model, size=6)
-    trainer = FAMTrainer(model=model, args=sgd_args(tmp_path, batch_size=4, fam_lambda=1.0),
-                         eval_dataset=as_dataset(batch), data_collator=collator(model.dtype))
+    trainer = FAMTrainer(
+        model=model,
+        args=sgd_args(tmp_path, batch_size=4, fam_lambda=1.0),
+        eval_dataset=as_dataset(batch),
+        data_collator=collator(model.dtype),
+    )
     metrics = trainer.evaluate()
     seen = {}
     handle = model.score.register_forward_hook(lambda m, a, o: seen.update(features=a[0], logits=o))
@@ -175,8 +208,12 @@ def test_plain_training_arguments_are_refused_with_the_fix(tmp_path):
 
 @pytest.mark.parametrize(
     "field,value,message",
-    [("fam_lambda", -0.1, "fam_lambda must be >= 0"), ("fam_gradient", "all", "fam_gradient must be one of"),
-     ("fam_loss", "hinge", "fam_loss must be"), ("fam_share", 0.0, "fam_share must be > 0")],
+    [
+        ("fam_lambda", -0.1, "fam_lambda must be >= 0"),
+        ("fam_gradient", "all", "fam_gradient must be one of"),
+        ("fam_loss", "hinge", "fam_loss must be"),
+        ("fam_share", 0.0, "fam_share must be > 0"),
+    ],
 )
 def test_bad_settings_are_refused(field, value, message, tmp_path):
     with pytest.raises(ValueError, match=message):
@@ -231,23 +268,43 @@ def test_checkpoint_saves_and_resumes_with_the_fam_settings(tmp_path, caplog):
 
     model = build("bert", "sequence", dtype=torch.float32)
     data = as_dataset(batch_for(model, size=8))
+
     def args(**extra):
-        return FAMTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, save_steps=1,
-                                    use_cpu=True, report_to=[], disable_tqdm=True, fam_share=0.01, fam_gradient="weights", **extra)
+        return FAMTrainingArguments(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            max_steps=2,
+            save_steps=1,
+            use_cpu=True,
+            report_to=[],
+            disable_tqdm=True,
+            fam_share=0.01,
+            fam_gradient="weights",
+            **extra,
+        )
+
     first = FAMTrainer(model=model, args=args(), train_dataset=data, data_collator=collator(torch.float32))
     first.train()
     saved = json.loads((tmp_path / "checkpoint-1" / "fam_config.json").read_text())
     assert saved["fam_gradient"] == "weights" and saved["fam_share"] == 0.01 and saved["head"] == "classifier"
     assert saved["resolved_fam_lambda"] == pytest.approx(first.fam_lambda)
 
-    resumed = FAMTrainer(model=build("bert", "sequence", dtype=torch.float32), args=args(), train_dataset=data,
-                         data_collator=collator(torch.float32))
+    resumed = FAMTrainer(
+        model=build("bert", "sequence", dtype=torch.float32),
+        args=args(),
+        train_dataset=data,
+        data_collator=collator(torch.float32),
+    )
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
     assert resumed.fam_lambda == pytest.approx(first.fam_lambda)  # not re-calibrated on a later batch
     assert resumed.state.global_step == 2
 
-    changed = FAMTrainer(model=build("bert", "sequence", dtype=torch.float32), args=args(fam_normalize=True),
-                         train_dataset=data, data_collator=collator(torch.float32))
+    changed = FAMTrainer(
+        model=build("bert", "sequence", dtype=torch.float32),
+        args=args(fam_normalize=True),
+        train_dataset=data,
+        data_collator=collator(torch.float32),
+    )
     with caplog.at_level(logging.WARNING, logger="fam_hf.trainer"):
         changed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
     assert "differ from the checkpoint" in caplog.text and "fam_normalize" in caplog.text
@@ -258,7 +315,9 @@ def test_torch_compile_trains_with_the_exact_penalty(tmp_path):
     model = build("bert", "sequence")
     batch = batch_for(model)
     expected = expected_update(model, batch, fam_lambda=2.0, gradient="head")
-    actual, _ = _train_one_step(model, batch, tmp_path, fam_lambda=2.0, torch_compile=True, torch_compile_backend="eager")
+    actual, _ = _train_one_step(
+        model, batch, tmp_path, fam_lambda=2.0, torch_compile=True, torch_compile_backend="eager"
+    )
     assert_updates_close(actual, expected)
 
 
@@ -269,7 +328,7 @@ def test_softcapped_logits_get_the_exact_hessian_through_the_cap(tmp_path):
     model = build("gemma2", "causal_lm")
     cap = model.config.final_logit_softcapping
     batch = batch_for(model)
-    capped_ce = lambda z, y: F.cross_entropy(cap * torch.tanh(z / cap), y)  # noqa: E731
+    capped_ce = lambda z, y: F.cross_entropy(cap * torch.tanh(z / cap), y)
     expected = expected_update(model, batch, fam_lambda=2.0, gradient="full", loss=capped_ce)
     uncapped = expected_update(model, batch, fam_lambda=2.0, gradient="full")
     actual, _ = _train_one_step(model, batch, tmp_path, fam_lambda=2.0, fam_gradient="full")
@@ -284,8 +343,12 @@ def test_logits_to_keep_uses_the_kept_positions(tmp_path):
     expected = expected_update(model, {**batch, "logits_to_keep": 3}, fam_lambda=2.0, gradient="full")
     before = snapshot(model)
     base_collate = collator(model.dtype)
-    trainer = FAMTrainer(model=model, args=sgd_args(tmp_path, fam_lambda=2.0, fam_gradient="full"),
-                         train_dataset=as_dataset(batch), data_collator=lambda ex: {**base_collate(ex), "logits_to_keep": 3})
+    trainer = FAMTrainer(
+        model=model,
+        args=sgd_args(tmp_path, fam_lambda=2.0, fam_gradient="full"),
+        train_dataset=as_dataset(batch),
+        data_collator=lambda ex: {**base_collate(ex), "logits_to_keep": 3},
+    )
     trainer.train()
     assert_updates_close(updates(before, model), expected)
 
@@ -294,8 +357,12 @@ def test_labels_for_positions_the_head_did_not_produce_are_refused(tmp_path):
     model = build("llama", "causal_lm")
     batch = batch_for(model)
     base_collate = collator(model.dtype)
-    trainer = FAMTrainer(model=model, args=sgd_args(tmp_path, fam_lambda=2.0), train_dataset=as_dataset(batch),
-                         data_collator=lambda ex: {**base_collate(ex), "logits_to_keep": 3})
+    trainer = FAMTrainer(
+        model=model,
+        args=sgd_args(tmp_path, fam_lambda=2.0),
+        train_dataset=as_dataset(batch),
+        data_collator=lambda ex: {**base_collate(ex), "logits_to_keep": 3},
+    )
     with pytest.raises(ValueError, match="logits_to_keep"):
         trainer.train()
 

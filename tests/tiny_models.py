@@ -29,25 +29,67 @@ CONFIGS = {
         "roberta", **BERT_LIKE, **NO_DROPOUT, num_labels=3, pad_token_id=1, max_position_embeddings=32
     ),
     "distilbert": lambda: AutoConfig.for_model(
-        "distilbert", dim=16, n_layers=1, n_heads=2, hidden_dim=24, vocab_size=VOCAB, dropout=0.0,
-        attention_dropout=0.0, seq_classif_dropout=0.0, num_labels=3,
+        "distilbert",
+        dim=16,
+        n_layers=1,
+        n_heads=2,
+        hidden_dim=24,
+        vocab_size=VOCAB,
+        dropout=0.0,
+        attention_dropout=0.0,
+        seq_classif_dropout=0.0,
+        num_labels=3,
     ),
     "gpt2": lambda: AutoConfig.for_model(
-        "gpt2", n_embd=16, n_layer=1, n_head=2, vocab_size=VOCAB, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, num_labels=3, pad_token_id=0,
+        "gpt2",
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=32,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        num_labels=3,
+        pad_token_id=0,
     ),
     "llama": lambda: AutoConfig.for_model(
-        "llama", hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        intermediate_size=24, vocab_size=VOCAB, max_position_embeddings=32, pad_token_id=0, num_labels=3,
+        "llama",
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=24,
+        vocab_size=VOCAB,
+        max_position_embeddings=32,
+        pad_token_id=0,
+        num_labels=3,
     ),
     "gemma2": lambda: AutoConfig.for_model(
-        "gemma2", hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-        intermediate_size=24, vocab_size=VOCAB, max_position_embeddings=32, pad_token_id=0,
-        final_logit_softcapping=2.0, attention_dropout=0.0,
+        "gemma2",
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        intermediate_size=24,
+        vocab_size=VOCAB,
+        max_position_embeddings=32,
+        pad_token_id=0,
+        final_logit_softcapping=2.0,
+        attention_dropout=0.0,
     ),
     "vit": lambda: AutoConfig.for_model(
-        "vit", hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24, image_size=8,
-        patch_size=4, num_channels=1, num_labels=4, **NO_DROPOUT,
+        "vit",
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=24,
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        num_labels=4,
+        **NO_DROPOUT,
     ),
 }
 
@@ -72,7 +114,10 @@ def batch_for(model: torch.nn.Module, size: int = 8, seed: int = 1) -> dict[str,
     name = type(model).__name__
     if name.endswith("ForImageClassification"):
         pixels = torch.randn(size, 1, config.image_size, config.image_size, generator=generator)
-        return {"pixel_values": pixels.to(model.dtype), "labels": torch.randint(0, config.num_labels, (size,), generator=generator)}
+        return {
+            "pixel_values": pixels.to(model.dtype),
+            "labels": torch.randint(0, config.num_labels, (size,), generator=generator),
+        }
     input_ids = torch.randint(2, VOCAB, (size, SEQ), generator=generator)
     if _is_causal_lm(model):
         labels = input_ids.clone()
@@ -88,7 +133,11 @@ def batch_for(model: torch.nn.Module, size: int = 8, seed: int = 1) -> dict[str,
     input_ids[1, 4:] = pad  # right padding: decoder classifiers must pick position 3
     input_ids[2, 5:] = pad
     attention = (input_ids != pad).long()
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": torch.randint(0, config.num_labels, (size,), generator=generator)}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "labels": torch.randint(0, config.num_labels, (size,), generator=generator),
+    }
 
 
 def _is_causal_lm(model) -> bool:
@@ -137,7 +186,6 @@ def sgd_args(tmp_path, batch_size: int = 8, accumulation: int = 1, **fam) -> FAM
 
 def loss_rows(model, batch, features, logits):
     """Hand-picked rows the model's loss uses: the test's own reading of transformers, not fam_hf's."""
-    name = type(model).__name__
     labels = batch["labels"]
     if _is_causal_lm(model):
         features, labels = features[:, :-1], labels[:, 1:]
@@ -186,7 +234,9 @@ def assert_updates_close(actual: dict, expected: dict, rtol: float = 1e-9) -> No
     """Assert two parameter updates agree to ``rtol`` relative to the largest update."""
     scale = max(float(v.abs().max()) for v in expected.values())
     for name, value in expected.items():
-        torch.testing.assert_close(actual[name], value, rtol=0, atol=rtol * scale, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            actual[name], value, rtol=0, atol=rtol * scale, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def tiny_tokenizer():

@@ -6,7 +6,6 @@ on its own with ``reshard_after_forward=True``: the hardest case, where its weig
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -15,8 +14,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fam_hf import FlatnessProbe  # noqa: E402
-from tiny_models import batch_for, build  # noqa: E402
+from tiny_models import batch_for, build
+
+from fam_hf import FlatnessProbe
 
 LR, FAM_LAMBDA = 0.5, 2.0
 

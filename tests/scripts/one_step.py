@@ -10,8 +10,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fam_hf import FAMTrainer  # noqa: E402
-from tiny_models import as_dataset, batch_for, build, collator, sgd_args  # noqa: E402
+from tiny_models import as_dataset, batch_for, build, collator, sgd_args
+
+from fam_hf import FAMTrainer
 
 CASES = {
     "causal_lm": ("llama", "causal_lm", None),
@@ -28,8 +29,13 @@ def main() -> None:
     results = {}
     distributed = {"ddp_backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
     if args.deepspeed:
-        distributed = {"deepspeed": {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
-                                     "gradient_accumulation_steps": "auto"}}
+        distributed = {
+            "deepspeed": {
+                "zero_optimization": {"stage": 3},
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+            }
+        }
     for case, (model_type, task, accepts_loss_kwargs) in CASES.items():
         model = build(model_type, task, dtype=torch.float32 if args.deepspeed else torch.float64)
         if accepts_loss_kwargs is not None:
@@ -38,12 +44,21 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             trainer = FAMTrainer(
                 model=model,
-                args=sgd_args(tmp, batch_size=args.per_device_batch, fam_lambda=2.0, fam_gradient="full", use_cpu=not args.deepspeed, **distributed),
+                args=sgd_args(
+                    tmp,
+                    batch_size=args.per_device_batch,
+                    fam_lambda=2.0,
+                    fam_gradient="full",
+                    use_cpu=not args.deepspeed,
+                    **distributed,
+                ),
                 train_dataset=as_dataset(batch),
                 data_collator=collator(model.dtype),
             )
             trainer.train()
-        results[case] = {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
+        results[case] = {
+            n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()
+        }
         results[case + "_world_size"] = trainer.args.world_size
     if trainer.is_world_process_zero():
         torch.save(results, args.out)
