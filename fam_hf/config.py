@@ -8,7 +8,7 @@ from transformers import TrainingArguments
 
 from .flatness import GRADIENT_MODES
 
-FAM_FIELDS = ("fam_lambda", "fam_share", "fam_layer", "fam_normalize", "fam_gradient", "fam_loss")
+FAM_FIELDS = ("fam_lambda", "fam_share", "fam_layer", "fam_normalize", "fam_gradient", "fam_loss", "fam_max_rows")
 
 
 @dataclass
@@ -42,6 +42,12 @@ class FAMTrainingArguments(TrainingArguments):
         fam_loss (`str`, *optional*, defaults to `"auto"`):
             The loss whose Hessian defines the penalty: `"auto"` follows the model (its task and `problem_type`),
             or one of `"cross_entropy"`, `"mse"`, `"bce"`.
+
+        fam_max_rows (`int`, *optional*):
+            Estimate the training penalty from at most this many randomly drawn counted rows (tokens) per batch,
+            scaled to an unbiased estimate of the full penalty. `None` uses every row. For a language model's head
+            the penalty costs about as much as the head itself per row, so a few hundred rows of a long batch
+            keep its cost small; evaluation always uses every row.
 
     Parameters that control what the penalty trains:
 
@@ -85,12 +91,21 @@ class FAMTrainingArguments(TrainingArguments):
         },
     )
 
+    fam_max_rows: int | None = field(
+        default=None,
+        metadata={"help": "Estimate the training penalty from at most this many random rows (tokens) per batch."},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.fam_lambda is not None and not self.fam_lambda >= 0:
             raise ValueError(f"fam_lambda must be >= 0 (0 switches FAM off); got {self.fam_lambda}.")
         if not self.fam_share > 0:
             raise ValueError(f"fam_share must be > 0; got {self.fam_share}. Use fam_lambda=0 to switch FAM off.")
+        if self.fam_max_rows is not None and self.fam_max_rows < 1:
+            raise ValueError(
+                f"fam_max_rows must be a positive number of rows or None (all rows); got {self.fam_max_rows}."
+            )
         if self.fam_gradient not in GRADIENT_MODES:
             raise ValueError(f"fam_gradient must be one of {GRADIENT_MODES}; got {self.fam_gradient!r}.")
         if self.fam_loss not in ("auto", "cross_entropy", "mse", "bce"):

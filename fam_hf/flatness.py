@@ -140,7 +140,7 @@ def head_flatness_sum(
 
 # Rows x outputs held at once; larger problems (a language model's head) are processed in chunks of rows, so the
 # penalty never holds more than a few tensors of this size.
-CHUNK_ELEMENTS = 1 << 24
+CHUNK_ELEMENTS = 1 << 22
 
 
 def _eager_flatness_sum(

@@ -17,7 +17,7 @@ from torch import nn
 
 from .flatness import FlatnessSum, at_least_float32, head_flatness_sum
 from .head import _base_model, find_head, linear_weight
-from .rows import IGNORE_INDEX, HeadTask
+from .rows import IGNORE_INDEX, HeadTask, sample_rows
 
 
 @dataclass
@@ -43,6 +43,8 @@ class FlatnessProbe:
 
     ``fused=True`` is for causal LMs whose forward never runs the head (TRL's fused LM head): the probe then
     watches the backbone's last hidden state and computes the logits chunk by chunk from the head's weight.
+    ``max_rows`` estimates the training penalty from that many random counted rows per batch (unbiased, from
+    its own generator seeded by ``seed``); measurements with ``sample=False`` always use every row.
     """
 
     def __init__(
@@ -52,10 +54,14 @@ class FlatnessProbe:
         loss: str | None = None,
         normalize: bool = False,
         fused: bool = False,
+        max_rows: int | None = None,
+        seed: int = 0,
     ) -> None:
         self.head_name, self.head = find_head(model, head)
         self.normalize = normalize
         self.fused = fused
+        self.max_rows = max_rows
+        self._generator = torch.Generator().manual_seed(seed)
         linear_weight(self.head)  # fail now, with a clear message, if the head is not linear
         self.task = HeadTask.from_model(model, loss=loss)
         self._request: dict[str, Any] | None = None
@@ -73,6 +79,7 @@ class FlatnessProbe:
         labels: torch.Tensor | None,
         gradient: str | None,
         with_task: bool = False,
+        sample: bool = False,
     ) -> Iterator[list[BatchFlatness]]:
         """Measure the next forward pass of the head; yields a list that then holds one :class:`BatchFlatness`."""
         results: list[BatchFlatness] = []
@@ -81,6 +88,7 @@ class FlatnessProbe:
             "labels": labels,
             "gradient": gradient,
             "with_task": with_task,
+            "sample": sample,
             "results": results,
         }
         try:
@@ -117,9 +125,15 @@ class FlatnessProbe:
     def _measure(self, weight, bias, features, logits, request) -> BatchFlatness:
         features, logits, labels = self.task.select(features, logits, request["inputs"], request["labels"])
         loss = self.task.loss_for(labels)
-        flatness = head_flatness_sum(
-            request["gradient"], weight, bias, features, logits, labels, loss=loss, softcap=self.task.softcap
-        )
+        counted = None
+        if request["sample"] and self.max_rows:
+            drawn = sample_rows(features, logits, labels, self.max_rows, self._generator)
+            counted = drawn[3]
+        rows = (features, logits, labels) if counted is None else drawn[:3]
+        flatness = head_flatness_sum(request["gradient"], weight, bias, *rows, loss=loss, softcap=self.task.softcap)
+        if counted is not None:
+            total_rows = torch.tensor(counted, device=flatness.rows.device, dtype=flatness.rows.dtype)
+            flatness = FlatnessSum(flatness.total * (counted / self.max_rows), total_rows)
         result = BatchFlatness(self._normalized(flatness, weight), loss)
         if request["with_task"] and labels is not None and logits is not None:
             task_logits = logits.detach()

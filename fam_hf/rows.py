@@ -118,3 +118,33 @@ def _is_causal_lm(model: nn.Module, name: str) -> bool:
     except ImportError:  # pragma: no cover - transformers always ships it
         pass
     return getattr(model, "loss_type", None) == "ForCausalLM" or name.endswith("ForCausalLM")
+
+
+def sample_rows(
+    features: torch.Tensor,
+    logits: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    max_rows: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int | None]:
+    """Return at most ``max_rows`` counted rows drawn uniformly without replacement, and how many rows counted.
+
+    The count is ``None`` when no row was dropped. Otherwise ``counted / max_rows`` times the drawn rows' sum is
+    an unbiased estimate of the sum over all counted rows.
+
+    For a language model's head the penalty costs a few head-sized products per row; a few hundred rows of a
+    long batch estimate it without bias at a fraction of the cost.
+    """
+    dim = features.shape[-1]
+    flat_features = features.reshape(-1, dim)
+    flat_labels = None if labels is None else labels.reshape(flat_features.shape[0], -1).squeeze(-1)
+    if flat_labels is not None and not flat_labels.is_floating_point():
+        counted = (flat_labels != IGNORE_INDEX).nonzero().squeeze(-1)
+    else:
+        counted = torch.arange(flat_features.shape[0], device=features.device)
+    if counted.numel() <= max_rows:
+        return features, logits, labels, None
+    drawn = counted[torch.randperm(counted.numel(), generator=generator)[:max_rows].to(counted.device)]
+    flat_logits = None if logits is None else logits.reshape(flat_features.shape[0], -1)[drawn]
+    chosen_labels = None if flat_labels is None else flat_labels[drawn]
+    return flat_features[drawn], flat_logits, chosen_labels, counted.numel()

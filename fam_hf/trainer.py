@@ -61,6 +61,8 @@ class FAMMixin:
                 loss=loss,
                 normalize=self.args.fam_normalize,
                 fused=self.fam_fused_head,
+                max_rows=self.args.fam_max_rows,
+                seed=self.args.seed,
             )
             logger.info("FAM: penalising the relative flatness of head %r", self._fam_probe.head_name)
         return self._fam_probe
@@ -79,7 +81,7 @@ class FAMMixin:
         labels = self._fam_labels(inputs)
         gradient = self.args.fam_gradient if penalize else None
         detect = self._fam_needs_task_sum(num_items_in_batch)
-        with probe.watch(inputs, labels, gradient=gradient, with_task=detect) as seen:
+        with probe.watch(inputs, labels, gradient=gradient, with_task=detect, sample=training) as seen:
             result = super().compute_loss(
                 model, inputs, return_outputs=return_outputs or detect, num_items_in_batch=num_items_in_batch
             )

@@ -377,3 +377,15 @@ def test_fsdp1_is_refused_with_fsdp2_named_as_the_way():
         check_sharding(fsdp1)
     check_sharding(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2))))
     check_sharding(SimpleNamespace(state=SimpleNamespace()))
+
+
+def test_max_rows_at_least_the_batch_is_exact_and_smaller_estimates(tmp_path):
+    model = build("llama", "causal_lm")
+    batch = batch_for(model)
+    expected = expected_update(model, batch, fam_lambda=2.0, gradient="head")
+    exact, _ = _train_one_step(model, batch, tmp_path, fam_lambda=2.0, fam_max_rows=1000)
+    assert_updates_close(exact, expected)
+    sampled, trainer = _train_one_step(build("llama", "causal_lm"), batch, tmp_path, fam_lambda=2.0, fam_max_rows=5)
+    entry = next(e for e in trainer.state.log_history if "loss" in e)
+    assert entry["relative_flatness"] > 0
+    assert not all(torch.allclose(sampled[n], expected[n]) for n in expected)
