@@ -1,0 +1,139 @@
+"""Plotting training runs side by side: task loss, relative flatness and eval accuracy against steps.
+
+Reads only what the Trainer writes, ``trainer_state.json`` (its ``log_history``), so it works on any run of
+:class:`fam_hf.FAMTrainer`, a recipe or the demo. A plain Trainer's run plots too, with ``loss`` for task loss.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STATE_NAME = "trainer_state.json"
+
+# (panel title, training-log key, evaluation-log key); either key may be missing from a run.
+PANELS = (
+    ("task loss (lines: train, dots: eval)", "task_loss", "eval_loss"),
+    ("relative flatness (lines: train, dots: eval)", "relative_flatness", "eval_relative_flatness"),
+    ("eval accuracy", None, "eval_accuracy"),
+)
+
+
+@dataclass
+class RunHistory:
+    """The logged curves of one run: ``series[key]`` is a list of ``(step, value)``."""
+
+    path: Path
+    fam_lambda: float | None
+    series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """Return the legend entry: the run's ``fam_lambda`` (and its folder name, which tells runs apart)."""
+        if self.fam_lambda is None:
+            weight = "fam_lambda unknown"
+        elif self.fam_lambda == 0:
+            weight = "fam_lambda=0 (no FAM)"
+        else:
+            weight = f"fam_lambda={self.fam_lambda:.3g}"
+        return f"{weight} [{self.path.name}]"
+
+
+def find_trainer_state(run_dir: str | Path) -> Path:
+    """Return the ``trainer_state.json`` of a run: in the folder itself, else in its latest ``checkpoint-*``."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file() and run_dir.name == STATE_NAME:
+        return run_dir
+    direct = run_dir / STATE_NAME
+    if direct.is_file():
+        return direct
+    checkpoints = sorted(run_dir.glob(f"checkpoint-*/{STATE_NAME}"), key=lambda p: _step_of(p.parent))
+    if checkpoints:
+        return checkpoints[-1]
+    raise FileNotFoundError(
+        f"No {STATE_NAME} in {run_dir} nor in a checkpoint-* folder inside it. Pass the output_dir of a finished "
+        "run (the recipes and `fam-hf demo` call trainer.save_state(); otherwise save a checkpoint)."
+    )
+
+
+def load_run(run_dir: str | Path) -> RunHistory:
+    """Return the :class:`RunHistory` read from a run folder's ``trainer_state.json``."""
+    state_path = find_trainer_state(run_dir)
+    history = json.loads(state_path.read_text()).get("log_history", [])
+    run = RunHistory(path=Path(run_dir), fam_lambda=None)
+    for entry in history:
+        step = entry.get("step")
+        if step is None:
+            continue
+        if "task_loss" not in entry and "loss" in entry:  # a plain Trainer's run: its loss is the task loss
+            entry = {**entry, "task_loss": entry["loss"]}
+        for key, value in entry.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "epoch"):
+                run.series.setdefault(key, []).append((int(step), float(value)))
+        if entry.get("fam_lambda") is not None:
+            run.fam_lambda = float(entry["fam_lambda"])
+    if run.fam_lambda is None:
+        run.fam_lambda = _saved_fam_lambda(Path(run_dir))
+    return run
+
+
+def plot_runs(run_dirs: list[str | Path], output: str | Path, title: str | None = None) -> Path:
+    """Write a PNG with one panel per quantity of :data:`PANELS` and one line per run; return its path.
+
+    Training curves are solid lines, evaluation points are markers joined by dashes, in the run's colour.
+    """
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError(
+            "Plotting needs matplotlib: pip install 'fam_hf[plot]' (or pip install matplotlib)."
+        ) from error
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [load_run(run_dir) for run_dir in run_dirs]
+    if not runs:
+        raise ValueError("Nothing to plot: pass at least one run folder.")
+    figure, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4), constrained_layout=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, run in enumerate(runs):
+        colour = colours[index % len(colours)]
+        for axis, (_, train_key, eval_key) in zip(axes, PANELS):
+            if train_key and run.series.get(train_key):
+                steps, values = zip(*run.series[train_key])
+                axis.plot(steps, values, color=colour, label=f"{run.label} train")
+            if eval_key and run.series.get(eval_key):
+                steps, values = zip(*run.series[eval_key])
+                axis.plot(steps, values, "o--", color=colour, label=f"{run.label} eval", markersize=4)
+    for axis, (panel, train_key, eval_key) in zip(axes, PANELS):
+        axis.set_title(panel)
+        axis.set_xlabel("step")
+        if not axis.lines:
+            axis.text(
+                0.5, 0.5, f"no {eval_key or train_key} logged", ha="center", va="center", transform=axis.transAxes
+            )
+    axes[0].legend(fontsize=7)
+    if title:
+        figure.suptitle(title)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=110)
+    plt.close(figure)
+    return output
+
+
+def _saved_fam_lambda(run_dir: Path) -> float | None:
+    """The ``resolved_fam_lambda`` that ``FAMTrainer.save_model`` writes beside the model, if any."""
+    config = run_dir / "fam_config.json"
+    if not config.is_file():
+        return None
+    saved = json.loads(config.read_text())
+    value = saved.get("resolved_fam_lambda", saved.get("fam_lambda"))
+    return float(value) if value is not None else None
+
+
+def _step_of(checkpoint: Path) -> int:
+    suffix = checkpoint.name.rsplit("-", 1)[-1]
+    return int(suffix) if suffix.isdigit() else -1

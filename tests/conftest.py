@@ -1,0 +1,205 @@
+"""Fixtures for the recipe and CLI smoke tests: tiny models saved from configs, and tiny labelled data on disk.
+
+Everything is built here, offline, in seconds: word-level tokenizers over a 30-word vocabulary, one-layer models
+of width 16, and a few dozen generated examples whose label is readable from their words.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+TOPICS = {
+    "sport": "match goal team win player score",
+    "music": "song band album concert guitar sing",
+    "money": "bank market price trade stock profit",
+}
+FILLER = "the a of and to in on is".split()
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+CHAT_TEMPLATE = "{% for message in messages %}[CLS] {{ message['role'] }} {{ message['content'] }} [SEP] {% endfor %}"
+
+
+def sentence(topic: str, rng: random.Random, length: int = 8) -> str:
+    """Return a generated sentence mixing the topic's words with filler words."""
+    words = TOPICS[topic].split()
+    return " ".join(rng.choice(words if rng.random() < 0.6 else FILLER) for _ in range(length))
+
+
+def labelled_rows(count: int, seed: int) -> list[dict]:
+    """Return ``count`` rows ``{"text", "label"}`` cycling through the topics (labels are topic names)."""
+    rng = random.Random(seed)
+    topics = list(TOPICS)
+    return [{"text": sentence(topics[i % len(topics)], rng), "label": topics[i % len(topics)]} for i in range(count)]
+
+
+def save_tokenizer(folder: Path) -> None:
+    """Save a word-level tokenizer over the topics' and filler words, with [CLS]/[SEP] framing and a chat template."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for text in TOPICS.values() for w in text.split()} | set(FILLER) | {"user", "assistant"})
+    vocab = {token: index for index, token in enumerate(SPECIAL + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        eos_token="[SEP]",
+        bos_token="[CLS]",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+
+
+def save_model(folder: Path, model_type: str, task: str, **overrides) -> Path:
+    """Build a one-layer ``model_type`` for ``task`` from its config, save it and a tokenizer; return the folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    vocab_size = len(SPECIAL) + len({w for t in TOPICS.values() for w in t.split()} | set(FILLER)) + 2
+    shapes = {
+        "bert": dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
+        "llama": dict(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=32,
+            bos_token_id=2,
+            eos_token_id=3,
+        ),
+    }[model_type]
+    config = AutoConfig.for_model(
+        model_type, vocab_size=vocab_size, max_position_embeddings=64, pad_token_id=0, **shapes, **overrides
+    )
+    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    auto.from_config(config).save_pretrained(folder)
+    save_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bert_classifier(tmp_path_factory) -> Path:
+    """A tiny BERT sequence classifier with three labels, saved with its tokenizer."""
+    return save_model(tmp_path_factory.mktemp("bert"), "bert", "sequence", num_labels=3)
+
+
+@pytest.fixture(scope="session")
+def llama_classifier(tmp_path_factory) -> Path:
+    """A tiny Llama sequence classifier (a decoder: its head reads the last non-pad token)."""
+    return save_model(tmp_path_factory.mktemp("llama_cls"), "llama", "sequence", num_labels=3)
+
+
+@pytest.fixture(scope="session")
+def llama_lm(tmp_path_factory) -> Path:
+    """A tiny Llama causal LM with a chat template."""
+    return save_model(tmp_path_factory.mktemp("llama_lm"), "llama", "causal_lm")
+
+
+@pytest.fixture(scope="session")
+def text_csv(tmp_path_factory) -> dict[str, Path]:
+    """``{"train", "validation"}`` CSV files with ``text`` and string ``label`` columns (three topics)."""
+    import csv
+
+    folder = tmp_path_factory.mktemp("text_csv")
+    files = {}
+    for split, count, seed in (("train", 48, 0), ("validation", 12, 1)):
+        files[split] = folder / f"{split}.csv"
+        with files[split].open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+            writer.writeheader()
+            writer.writerows(labelled_rows(count, seed))
+    return files
+
+
+@pytest.fixture(scope="session")
+def text_jsonl(tmp_path_factory) -> dict[str, Path]:
+    """``{"train", "validation"}`` JSON-lines files with ``review`` and integer ``stars`` columns."""
+    folder = tmp_path_factory.mktemp("text_jsonl")
+    topics = list(TOPICS)
+    files = {}
+    for split, count, seed in (("train", 30, 2), ("validation", 9, 3)):
+        files[split] = folder / f"{split}.jsonl"
+        rows = [{"review": row["text"], "stars": topics.index(row["label"]) + 1} for row in labelled_rows(count, seed)]
+        files[split].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return files
+
+
+@pytest.fixture(scope="session")
+def chat_jsonl(tmp_path_factory) -> dict[str, Path]:
+    """``{"train", "validation"}`` JSON-lines files of two-turn chats in a ``messages`` column."""
+    folder = tmp_path_factory.mktemp("chat")
+    files = {}
+    for split, count, seed in (("train", 24, 4), ("validation", 6, 5)):
+        rng = random.Random(seed)
+        files[split] = folder / f"{split}.jsonl"
+        lines = []
+        for row in labelled_rows(count, seed):
+            messages = [
+                {"role": "user", "content": row["text"]},
+                {"role": "assistant", "content": sentence(row["label"], rng, 5)},
+            ]
+            lines.append(json.dumps({"messages": messages}) + "\n")
+        files[split].write_text("".join(lines))
+    return files
+
+
+@pytest.fixture(scope="session")
+def text_folder(tmp_path_factory) -> Path:
+    """A folder ``<topic>/<n>.txt`` laid out like the packaged BBC News, 20 documents per topic."""
+    folder = tmp_path_factory.mktemp("text_folder")
+    for index, row in enumerate(labelled_rows(60, 6)):
+        (folder / row["label"]).mkdir(exist_ok=True)
+        (folder / row["label"] / f"{index:03d}.txt").write_text(row["text"] + "\n\n" + row["text"])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def image_folders(tmp_path_factory) -> dict[str, Path]:
+    """``{"train", "validation"}`` imagefolder directories: 3 classes of 20x20 PNGs told apart by colour."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    colours = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+    rng = np.random.default_rng(0)
+    folders = {}
+    for split, per_class in (("train", 8), ("validation", 3)):
+        folders[split] = root / split
+        for name, colour in colours.items():
+            (folders[split] / name).mkdir(parents=True)
+            for index in range(per_class):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 25, (20, 20, 3)), 0, 255).astype("uint8")
+                Image.fromarray(pixels).save(folders[split] / name / f"{index}.png")
+    return folders
+
+
+@pytest.fixture(scope="session")
+def vit_config(tmp_path_factory) -> Path:
+    """A folder with only a tiny ViT's config and image processor: a model to train from scratch."""
+    from transformers import AutoConfig, ViTImageProcessor
+
+    folder = tmp_path_factory.mktemp("vit_config")
+    AutoConfig.for_model(
+        "vit",
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=16,
+        patch_size=8,
+        num_channels=3,
+    ).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
+    return folder

@@ -1,0 +1,406 @@
+"""Smoke tests of the recipes: a few steps each on tiny models built from configs and tiny generated data.
+
+The recipes run in this process through their ``main(argv)`` (one import of transformers for all of them),
+except the distributed ones, which go through ``torchrun`` and ``accelerate launch`` as a user would run them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from fam_hf import metrics
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+FAST = ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1"]
+
+
+def load_recipe(name: str) -> types.ModuleType:
+    """Import ``recipes/<name>.py`` as a module (its folder on the path, as when it runs as a script)."""
+    if str(RECIPES) not in sys.path:
+        sys.path.insert(0, str(RECIPES))
+    module_name = f"recipe_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, RECIPES / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses resolve their annotations through sys.modules
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+def logged(output_dir: Path, key: str) -> list[float]:
+    """Return the values of ``key`` in a run's ``trainer_state.json`` log history."""
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return [entry[key] for entry in history if key in entry]
+
+
+def assert_fam_run(output_dir: Path, metrics_seen: dict, steps: int) -> None:
+    """The run trained ``steps`` steps with FAM on, logged the penalty, and saved its model and state."""
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == steps
+    flatness = logged(output_dir, "relative_flatness")
+    assert len(flatness) == steps and all(np.isfinite(flatness)) and all(v > 0 for v in flatness)
+    assert all(v > 0 for v in logged(output_dir, "fam_lambda"))
+    assert metrics_seen["eval_relative_flatness"] > 0
+    assert (output_dir / "fam_config.json").is_file()
+    assert json.loads((output_dir / "all_results.json").read_text())["eval_relative_flatness"] > 0
+
+
+# ---- metrics: evaluate where it loads, the same numbers here where it cannot ------------------------------------
+
+
+def test_fallback_metrics_equal_a_hand_computation():
+    predictions = [0, 0, 1, 1, 2, 2, 2, 1]
+    references = [0, 1, 1, 1, 2, 0, 2, 2]
+    # per class (tp, predicted, actual): 0 -> (1, 2, 2), 1 -> (2, 3, 3), 2 -> (2, 3, 3)
+    assert metrics.accuracy(predictions, references) == pytest.approx(5 / 8)
+    assert metrics.f1(predictions, references) == pytest.approx((2 * 1 / 4 + 2 * 2 / 6 + 2 * 2 / 6) / 3)
+    # Matthews (multi-class): (correct * n - sum p_k t_k) / sqrt((n^2 - sum p_k^2)(n^2 - sum t_k^2))
+    expected = (5 * 8 - (2 * 2 + 3 * 3 + 3 * 3)) / np.sqrt((64 - 22) * (64 - 22))
+    assert metrics.matthews_correlation(predictions, references) == pytest.approx(expected)
+    binary_predictions, binary_references = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]
+    assert metrics.f1(binary_predictions, binary_references, average="binary") == pytest.approx(2 * 2 / (3 + 3))
+    assert metrics.matthews_correlation([1, 1, 1], [1, 1, 1]) == 0.0  # undefined: no variation
+
+
+def test_fallback_metrics_agree_with_scikit_learn_and_scipy():
+    sklearn = pytest.importorskip("sklearn.metrics")
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    predictions, references = rng.integers(0, 4, 300), rng.integers(0, 4, 300)
+    assert metrics.f1(predictions, references) == pytest.approx(
+        sklearn.f1_score(references, predictions, average="macro")
+    )
+    assert metrics.matthews_correlation(predictions, references) == pytest.approx(
+        sklearn.matthews_corrcoef(references, predictions)
+    )
+    scores, targets = rng.normal(size=50).round(1), rng.normal(size=50).round(1)  # rounded: ties in the ranks
+    assert metrics.pearsonr(scores, targets) == pytest.approx(stats.pearsonr(scores, targets)[0])
+    assert metrics.spearmanr(scores, targets) == pytest.approx(stats.spearmanr(scores, targets)[0])
+
+
+@pytest.fixture
+def fake_evaluate(monkeypatch):
+    """Replace the ``evaluate`` package; ``set(load)`` decides what ``evaluate.load`` does."""
+    module = types.ModuleType("evaluate")
+    monkeypatch.setitem(sys.modules, "evaluate", module)
+    monkeypatch.setattr(metrics, "_LOADED", {})
+    monkeypatch.setattr(metrics, "_WARNED", False)
+    return module
+
+
+def test_metrics_fall_back_with_one_warning_when_evaluate_cannot_load(fake_evaluate):
+    def offline(name):
+        raise FileNotFoundError(f"Couldn't find a module script for {name}")
+
+    fake_evaluate.load = offline
+    compute = metrics.ClassificationMetrics(["accuracy", "f1", "matthews_correlation"], num_labels=3)
+    logits = np.eye(3)[[0, 0, 1, 1, 2, 2, 2, 1]]
+    labels = np.array([0, 1, 1, 1, 2, 0, 2, 2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, second = compute((logits, labels)), compute((logits, labels))
+    assert len([w for w in caught if "fam_hf.metrics" in str(w.message)]) == 1
+    assert first == second
+    assert first["accuracy"] == pytest.approx(5 / 8)
+    assert first["f1"] == pytest.approx(metrics.f1(logits.argmax(-1), labels))
+    assert first["matthews_correlation"] == pytest.approx(metrics.matthews_correlation(logits.argmax(-1), labels))
+
+
+def test_metrics_come_from_evaluate_when_it_loads(fake_evaluate):
+    calls = []
+
+    class Metric:
+        def __init__(self, name):
+            self.name = name
+
+        def compute(self, predictions, references, **kwargs):
+            calls.append((self.name, kwargs))
+            return {self.name: 0.125}
+
+    fake_evaluate.load = Metric
+    result = metrics.ClassificationMetrics(["accuracy", "f1"], num_labels=2)((np.eye(2)[[0, 1]], np.array([0, 0])))
+    assert result == {"accuracy": 0.125, "f1": 0.125}
+    assert calls == [("accuracy", {}), ("f1", {"average": "binary"})]
+
+
+# ---- text classification ------------------------------------------------------------------------------------------
+
+
+def test_text_classification_on_csv_files_with_an_encoder(bert_classifier, text_csv, tmp_path):
+    recipe = load_recipe("text_classification")
+    output = tmp_path / "run"
+    result = recipe.main(
+        [
+            "--model_name_or_path",
+            str(bert_classifier),
+            "--train_file",
+            str(text_csv["train"]),
+            "--validation_file",
+            str(text_csv["validation"]),
+            "--output_dir",
+            str(output),
+            "--max_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "8",
+            "--max_seq_length",
+            "16",
+            *FAST,
+        ]
+    )
+    assert_fam_run(output, result, steps=3)
+    assert {"eval_accuracy", "eval_f1"} <= set(result) and 0 <= result["eval_accuracy"] <= 1
+    config = json.loads((output / "config.json").read_text())
+    assert config["id2label"] == {"0": "money", "1": "music", "2": "sport"}  # string labels became named classes
+
+
+def test_text_classification_from_a_yaml_config_with_a_decoder_and_custom_columns(
+    llama_classifier, text_jsonl, tmp_path
+):
+    output = tmp_path / "run"
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": str(llama_classifier),
+                "train_file": str(text_jsonl["train"]),
+                "validation_file": str(text_jsonl["validation"]),
+                "text_column": "review",
+                "label_column": "stars",
+                "metrics": "accuracy,f1,matthews_correlation",
+                "output_dir": str(output),
+                "max_steps": 2,
+                "per_device_train_batch_size": 6,
+                "logging_steps": 1,
+                "use_cpu": True,
+                "disable_tqdm": True,
+                "report_to": "none",
+                "save_strategy": "no",
+                "fam_lambda": 0.5,
+                "fam_gradient": "weights",
+            }
+        )
+    )
+    result = load_recipe("text_classification").main([str(config)])
+    assert_fam_run(output, result, steps=2)
+    assert logged(output, "fam_lambda") == [0.5, 0.5]
+    assert "eval_matthews_correlation" in result
+    assert json.loads((output / "config.json").read_text())["id2label"] == {"0": "1", "1": "2", "2": "3"}
+
+
+@pytest.mark.parametrize("name", ["text_classification", "image_classification", "causal_lm"])
+def test_shipped_yaml_configs_parse_into_the_recipe_arguments(name):
+    recipe = load_recipe(name)
+    config = RECIPES / "configs" / f"{name}.yaml"
+    model_args, data_args, training_args = recipe.parse_arguments(
+        (recipe.ModelArguments, recipe.DataArguments, recipe.FAMTrainingArguments), [str(config)]
+    )
+    values = yaml.safe_load(config.read_text())
+    assert training_args.fam_share == values["fam_share"] and training_args.fam_gradient == values["fam_gradient"]
+    assert model_args.model_name_or_path == values["model_name_or_path"]
+    # flags after the file override it
+    _, _, overridden = recipe.parse_arguments(
+        (recipe.ModelArguments, recipe.DataArguments, recipe.FAMTrainingArguments), [str(config), "--fam_share", "0.05"]
+    )
+    assert overridden.fam_share == 0.05 and overridden.learning_rate == training_args.learning_rate
+
+
+# ---- image classification -----------------------------------------------------------------------------------------
+
+
+def test_image_classification_from_scratch_on_an_imagefolder(vit_config, image_folders, tmp_path):
+    output = tmp_path / "run"
+    result = load_recipe("image_classification").main(
+        [
+            "--config_name",
+            str(vit_config),
+            "--config_overrides",
+            "hidden_size=24",
+            "--train_dir",
+            str(image_folders["train"]),
+            "--validation_dir",
+            str(image_folders["validation"]),
+            "--output_dir",
+            str(output),
+            "--max_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "8",
+            *FAST,
+        ]
+    )
+    assert_fam_run(output, result, steps=3)
+    config = json.loads((output / "config.json").read_text())
+    assert config["hidden_size"] == 24 and set(config["label2id"]) == {"red", "green", "blue"}
+    assert {"eval_accuracy", "eval_f1"} <= set(result)
+
+
+def test_image_augmentation_crops_and_flips_within_the_image():
+    from PIL import Image
+
+    recipe = load_recipe("image_classification")
+    image = Image.new("RGB", (40, 30))
+    image.putpixel((0, 0), (255, 0, 0))
+    crops = [recipe.Augmentation(min_scale=0.5, flip=False)(image) for _ in range(50)]
+    assert all(
+        crop.size[0] <= 40 and crop.size[1] <= 30 and crop.size[0] * crop.size[1] >= 0.5 * 1200 * 0.7 for crop in crops
+    )
+    flipped = recipe.Augmentation(min_scale=1.0, flip=True)
+    outcomes = {flipped(image).getpixel((39, 0)) for _ in range(40)}
+    assert outcomes == {(255, 0, 0), (0, 0, 0)}  # sometimes flipped, sometimes not
+
+
+# ---- causal LM ----------------------------------------------------------------------------------------------------
+
+
+def test_causal_lm_with_lora_on_chat_data_penalises_lm_head(llama_lm, chat_jsonl, tmp_path):
+    pytest.importorskip("peft")
+    output = tmp_path / "run"
+    result = load_recipe("causal_lm").main(
+        [
+            "--model_name_or_path",
+            str(llama_lm),
+            "--train_file",
+            str(chat_jsonl["train"]),
+            "--validation_file",
+            str(chat_jsonl["validation"]),
+            "--use_peft",
+            "--lora_r",
+            "4",
+            "--lora_target_modules",
+            "q_proj,v_proj",
+            "--output_dir",
+            str(output),
+            "--max_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "4",
+            *FAST,
+        ]
+    )
+    assert_fam_run(output, result, steps=3)
+    adapter = json.loads((output / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == {"q_proj", "v_proj", "lm_head"}
+    assert result["eval_perplexity"] == pytest.approx(np.exp(result["eval_loss"]))
+    assert json.loads((output / "fam_config.json").read_text())["head"].endswith("lm_head")
+
+
+def test_causal_lm_labels_every_real_token_even_when_eos_is_the_pad_token(llama_lm):
+    from transformers import AutoTokenizer
+
+    recipe = load_recipe("causal_lm")
+    tokenizer = AutoTokenizer.from_pretrained(llama_lm)
+    tokenizer.pad_token = tokenizer.eos_token  # as for GPT-2 or Llama, which ship without a pad token
+    batch = recipe.PaddingCollator(tokenizer)([{"input_ids": [2, 5, 3]}, {"input_ids": [2, 3]}])
+    assert batch["input_ids"].tolist() == [[2, 5, 3], [2, 3, 3]]
+    assert batch["labels"].tolist() == [[2, 5, 3], [2, 3, -100]]
+
+
+# ---- distributed: torchrun and accelerate launch ------------------------------------------------------------------
+
+
+def run_distributed(command: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        command, cwd=RECIPES.parent, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_text_classification_under_torchrun_with_two_processes(llama_classifier, text_csv, tmp_path):
+    output = tmp_path / "run"
+    run_distributed(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29561",
+            str(RECIPES / "text_classification.py"),
+            "--model_name_or_path",
+            str(llama_classifier),
+            "--train_file",
+            str(text_csv["train"]),
+            "--validation_file",
+            str(text_csv["validation"]),
+            "--output_dir",
+            str(output),
+            "--num_train_epochs",
+            "1",
+            "--per_device_train_batch_size",
+            "4",
+            "--ddp_backend",
+            "gloo",
+            *FAST,
+        ]
+    )
+    # 48 examples, 4 per process, 2 processes: 6 steps in the epoch (one process would take 12)
+    evaluation = json.loads((output / "eval_results.json").read_text())
+    assert_fam_run(output, evaluation, steps=6)
+    # a near-uniform 3-class classifier: the loss is ln 3, not scaled by the number of processes
+    assert evaluation["eval_loss"] == pytest.approx(np.log(3), abs=0.2)
+
+
+def test_causal_lm_under_accelerate_launch_with_the_multi_gpu_config_on_cpu(llama_lm, chat_jsonl, tmp_path):
+    pytest.importorskip("peft")
+    output = tmp_path / "run"
+    run_distributed(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(RECIPES / "accelerate" / "multi_gpu.yaml"),
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            "29562",
+            str(RECIPES / "causal_lm.py"),
+            "--model_name_or_path",
+            str(llama_lm),
+            "--train_file",
+            str(chat_jsonl["train"]),
+            "--validation_file",
+            str(chat_jsonl["validation"]),
+            "--use_peft",
+            "--lora_r",
+            "4",
+            "--output_dir",
+            str(output),
+            "--num_train_epochs",
+            "1",
+            "--per_device_train_batch_size",
+            "4",
+            "--ddp_backend",
+            "gloo",
+            *FAST,
+        ],
+        env={"ACCELERATE_USE_CPU": "1"},
+    )
+    # 24 chats, 4 per process, 2 processes: 3 steps
+    assert_fam_run(output, json.loads((output / "eval_results.json").read_text()), steps=3)
+
+
+def test_accelerate_configs_load_and_cover_each_strategy():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = {path.stem: load_config_from_file(str(path)) for path in (RECIPES / "accelerate").glob("*.yaml")}
+    kinds = {name: (str(c.distributed_type).split(".")[-1], c.mixed_precision) for name, c in configs.items()}
+    assert kinds["single_process"] == ("NO", "no")
+    assert kinds["multi_gpu"] == ("MULTI_GPU", "no")
+    assert {kinds["multi_gpu_bf16"][1], kinds["multi_gpu_fp16"][1]} == {"bf16", "fp16"}
+    assert kinds["fsdp2"][0] == "FSDP" and configs["fsdp2"].fsdp_config["fsdp_version"] == 2
+    assert [configs[f"deepspeed_zero{s}"].deepspeed_config["zero_stage"] for s in (2, 3)] == [2, 3]
