@@ -159,10 +159,10 @@ class FAMMixin:
         if math.isclose(model_loss, task_sum / rows, rel_tol=1e-3, abs_tol=1e-6):
             logger.warning(
                 "FAM: %s accepts loss kwargs but its loss ignores num_items_in_batch and returns a per-batch mean. "
-                "The Trainer then does not divide it by gradient_accumulation_steps, so each update is "
-                "gradient_accumulation_steps times larger than with the whole batch at once. FAMTrainer keeps the "
-                "Trainer's behaviour and scales the penalty like that task loss. To average instead, set "
-                "`model.accepts_loss_kwargs = False` before building the trainer.",
+                "The Trainer then neither divides it by gradient_accumulation_steps nor undoes its multiplication by "
+                "the number of processes, so each update is that many times larger than with the whole batch at "
+                "once. FAMTrainer keeps the Trainer's behaviour and scales the penalty like that task loss. To "
+                "average instead, set `model.accepts_loss_kwargs = False` before building the trainer.",
                 type(self.accelerator.unwrap_model(self.model)).__name__,
             )
             return False
