@@ -1,7 +1,8 @@
 """Cost of the penalty at the head alone: a loss step on the head with and without relative flatness.
 
 Times forward + backward of ``cross_entropy(features @ W.T + b)`` against the same plus ``relative_flatness``
-in each gradient mode, and the authors' full-Hessian route where it fits in memory. Prints a table and
+in each gradient mode (the path FAMTrainer takes inside the head's forward), and the authors' full-Hessian
+route where it fits in memory. Prints a table and
 writes JSON. ``python benchmarks/head_cost.py --out benchmarks/results/head_cost.json``
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fam_hf import inputs_for_gradient, relative_flatness
+from fam_hf.flatness import head_flatness_sum
 from fam_hf.reference import hessian_relative_flatness
 
 SHAPES = {"768x2": (768, 2, 8, 128), "576x49152": (576, 49152, 8, 128)}
@@ -31,7 +32,8 @@ def _step(weight, bias, features, labels, mode: str | None, hessian: bool = Fals
         rows = features.reshape(-1, features.shape[-1])
         loss = loss + hessian_relative_flatness(weight, rows, labels.reshape(-1), bias)
     elif mode is not None:
-        loss = loss + relative_flatness(*inputs_for_gradient(mode, weight, bias, features, logits), labels)
+        flatness = head_flatness_sum(mode, weight, bias, features, logits, labels)  # the trainer's path
+        loss = loss + flatness.total / flatness.rows
     loss.backward()
     weight.grad = bias.grad = features.grad = None
 

@@ -1,0 +1,151 @@
+"""The benchmark scripts run end to end (tiny ``--smoke`` settings) and SAMTrainer takes exact SAM steps."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import TrainingArguments
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import TensorDictDataset  # noqa: E402
+from benchmarks.sam import SAMTrainer  # noqa: E402
+
+RHO = 0.05
+LR = 0.1
+
+
+def _run_script(*args: str) -> None:
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_overhead_smoke_writes_every_arm_with_timing_and_ratio(tmp_path):
+    out = tmp_path / "overhead.json"
+    _run_script("benchmarks/overhead.py", "--smoke", "--reps", "1", "--threads", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    timing = result["models"]["smoke"]["timing"]
+    assert set(timing) == {"plain", "fam-full", "fam-head", "fam-weights", "sam", "hessian"}
+    for arm, entry in timing.items():
+        assert entry["status"] == "ok", arm
+        assert entry["median_s"] > 0 and entry["ratio"] > 0
+    assert timing["plain"]["ratio"] == 1.0
+    assert "environment" in result and "command" in result
+
+
+def test_generalization_smoke_writes_summaries_runs_and_plots(tmp_path):
+    _run_script("benchmarks/generalization.py", "--smoke", "--threads", "1", "--out-dir", str(tmp_path))
+    result = json.loads((tmp_path / "generalization_smoke.json").read_text())
+    rows = {row["arm"]: row for row in result["summaries"]["vision"]}
+    assert set(rows) == {"baseline", "full@0.01", "head@0.01", "weights@0.01", "sam"}
+    for arm, row in rows.items():
+        for field in ("test_accuracy", "test_loss", "d_accuracy", "gap_accuracy", "relative_flatness"):
+            assert field in row, (arm, field)
+    assert rows["head@0.01"]["seeds"] == 2 and rows["head@0.01"]["fam_lambda"] > 0
+    assert rows["baseline"]["fam_lambda"] is None
+    for run in result["runs"]:
+        assert {"seed", "train_accuracy", "test_accuracy", "relative_flatness"} <= set(run)
+    for plot in result["plots"].values():
+        assert Path(plot).stat().st_size > 0
+
+
+class _TinyRegressor(nn.Module):
+    """Linear - tanh - linear with an MSE loss: no dropout, so both SAM passes are deterministic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden = nn.Linear(3, 4)
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x, labels=None):
+        prediction = self.out(torch.tanh(self.hidden(x))).squeeze(-1)
+        loss = None if labels is None else nn.functional.mse_loss(prediction, labels)
+        return {"loss": loss, "logits": prediction}
+
+
+def _data() -> TensorDictDataset:
+    generator = torch.Generator().manual_seed(1)
+    return TensorDictDataset(x=torch.randn(4, 3, generator=generator), labels=torch.randn(4, generator=generator))
+
+
+def _hand_sam_step(model: nn.Module, data: TensorDictDataset) -> dict[str, torch.Tensor]:
+    """Return the parameters after one SAM step with plain SGD on the whole batch, computed by hand."""
+    params = dict(model.named_parameters())
+    names = list(params)
+
+    def batch_loss(values):
+        out = torch.func.functional_call(
+            model, dict(zip(names, values)), (data.columns["x"],), {"labels": data.columns["labels"]}
+        )
+        return out["loss"]
+
+    weights = [p.detach().clone() for p in params.values()]
+    grads = torch.autograd.grad(batch_loss([w.requires_grad_(True) for w in weights]), weights)
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    perturbed = [(w + RHO * g / norm).detach().requires_grad_(True) for w, g in zip(weights, grads)]
+    sharp_grads = torch.autograd.grad(batch_loss(perturbed), perturbed)
+    return {n: (w - LR * g).detach() for n, w, g in zip(names, weights, sharp_grads)}
+
+
+@pytest.mark.parametrize("batch, accumulation", [(4, 1), (2, 2), (1, 4)])
+def test_sam_trainer_step_equals_hand_computed_sam_step(tmp_path, batch, accumulation):
+    data = _data()
+    expected = _hand_sam_step(_TinyRegressor(), data)
+    model = _TinyRegressor()
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=LR,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    SAMTrainer(model=model, args=args, train_dataset=data, sam_rho=RHO).train()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.detach(), expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sam_trainer_runs_under_bf16_autocast(tmp_path):
+    data = _data()
+    expected = _hand_sam_step(_TinyRegressor(), data)
+    model = _TinyRegressor()
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=LR,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        bf16=True,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    SAMTrainer(model=model, args=args, train_dataset=data, sam_rho=RHO).train()
+    for name, param in model.named_parameters():
+        assert param.dtype == torch.float32
+        torch.testing.assert_close(param.detach(), expected[name], rtol=3e-2, atol=3e-3, msg=name)
+
+
+def test_sam_trainer_rejects_non_positive_rho(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match="sam_rho"):
+        SAMTrainer(model=_TinyRegressor(), args=args, train_dataset=_data(), sam_rho=0.0)
