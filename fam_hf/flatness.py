@@ -244,7 +244,7 @@ class _EagerFlatness(torch.autograd.Function):
         }
         if bias is not None:
             leaves["bias"] = at_least_float32(bias.detach()).requires_grad_(need_bias)
-        sums = {k: torch.zeros_like(v) for k, v in leaves.items() if v.requires_grad}
+        sums = {k: None for k, v in leaves.items() if v.requires_grad}  # filled by the first chunk, then summed
         grad_features = torch.zeros_like(features) if need_features else None
         grad_logits = torch.zeros_like(logits) if need_logits and not fold_logits else None
         total = torch.zeros((), dtype=weight32.dtype, device=weight.device)
@@ -279,8 +279,7 @@ class _EagerFlatness(torch.autograd.Function):
                     continue
                 grads = dict(zip(wanted, torch.autograd.grad(chunk_total, list(wanted.values()), allow_unused=True)))
                 for key in sums:
-                    if grads.get(key) is not None:
-                        sums[key] += grads[key]
+                    _accumulate(sums, key, grads.get(key))
                 if grad_features is not None and grads.get("features") is not None:
                     grad_features[rows] = grads["features"]
                 if grads.get("logits") is None:
@@ -288,17 +287,20 @@ class _EagerFlatness(torch.autograd.Function):
                 elif fold_logits:
                     chunk_grad = at_least_float32(grads["logits"])
                     if "weight" in sums:
-                        sums["weight"] += chunk_grad.T @ at_least_float32(features[rows].detach())
+                        _accumulate(sums, "weight", chunk_grad.T @ at_least_float32(features[rows].detach()))
                     if "bias" in sums:
-                        sums["bias"] += chunk_grad.sum(0)
+                        _accumulate(sums, "bias", chunk_grad.sum(0))
                 else:
                     grad_logits[rows] = grads["logits"]
         grad_weight = grad_bias = None
         if need_weight:
             # the row norms' gradient enters once here, rather than touching the whole weight in every chunk
-            grad_weight = (sums["weight"] + 2 * sums["norms"].unsqueeze(-1) * weight32.detach()).to(weight.dtype)
+            grad_weight = _or_zeros(sums["weight"], weight32)
+            if sums["norms"] is not None:
+                grad_weight = torch.addcmul(grad_weight, sums["norms"].unsqueeze(-1), weight32.detach(), value=2)
+            grad_weight = grad_weight.to(weight.dtype)
         if need_bias:
-            grad_bias = sums["bias"].to(bias.dtype)
+            grad_bias = _or_zeros(sums["bias"], bias).to(bias.dtype)
         ctx.save_for_backward(grad_weight, grad_bias, grad_features, grad_logits)
         return total
 
@@ -306,6 +308,16 @@ class _EagerFlatness(torch.autograd.Function):
     def backward(ctx, grad_total):
         grads = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors]
         return (None, *grads, None, None)
+
+
+def _accumulate(sums: dict, key: str, value: torch.Tensor | None) -> None:
+    """Add a chunk's gradient to ``sums[key]``, taking the first one as is (no weight-sized zero fill)."""
+    if value is not None:
+        sums[key] = value if sums[key] is None else sums[key] + value
+
+
+def _or_zeros(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like, dtype=at_least_float32(like).dtype) if value is None else value
 
 
 def _check_loss(loss: str) -> None:

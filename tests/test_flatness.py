@@ -234,3 +234,19 @@ def test_head_flatness_sum_gives_each_modes_gradient_without_a_graph_to_the_weig
     _assert_rel(flat.total / flat.rows, expected, tol=1e-12)
     for actual, wanted in zip(_grads(flat.total / flat.rows, inputs), expected_grads):
         _assert_rel(actual, wanted, tol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+def test_chunked_rows_for_mse_and_bce(loss, monkeypatch):
+    import fam_hf.flatness as flatness
+
+    weight, bias, features, labels = _problem(loss, leading=(3, 5))
+    logits = features @ weight.T + bias
+    whole = relative_flatness(weight, features, logits, labels, loss=loss)
+    whole_grads = _grads(whole, (weight, features))
+    monkeypatch.setattr(flatness, "CHUNK_ELEMENTS", 2 * WIDTH)
+    logits = features @ weight.T + bias
+    chunked = relative_flatness(weight, features, logits, labels, loss=loss)
+    _assert_rel(chunked, whole, tol=1e-12)
+    for actual, expected in zip(_grads(chunked, (weight, features)), whole_grads):
+        _assert_rel(actual, expected, tol=1e-12)
