@@ -297,7 +297,11 @@ class _EagerFlatness(torch.autograd.Function):
             # the row norms' gradient enters once here, rather than touching the whole weight in every chunk
             grad_weight = _or_zeros(sums["weight"], weight32)
             if sums["norms"] is not None:
-                grad_weight = torch.addcmul(grad_weight, sums["norms"].unsqueeze(-1), weight32.detach(), value=2)
+                norms_grad = sums["norms"].unsqueeze(-1)
+                if grad_weight.is_contiguous() and grad_weight.dtype == weight32.dtype:
+                    grad_weight.addcmul_(norms_grad, weight32.detach(), value=2)
+                else:
+                    grad_weight = torch.addcmul(grad_weight, norms_grad, weight32.detach(), value=2)
             grad_weight = grad_weight.to(weight.dtype)
         if need_bias:
             grad_bias = _or_zeros(sums["bias"], bias).to(bias.dtype)
@@ -311,9 +315,17 @@ class _EagerFlatness(torch.autograd.Function):
 
 
 def _accumulate(sums: dict, key: str, value: torch.Tensor | None) -> None:
-    """Add a chunk's gradient to ``sums[key]``, taking the first one as is (no weight-sized zero fill)."""
-    if value is not None:
-        sums[key] = value if sums[key] is None else sums[key] + value
+    """Add a chunk's gradient to ``sums[key]``, taking the first one as is (no weight-sized zero fill) and adding
+    in place where that tensor owns its memory (autograd may hand back an expanded view)."""
+    if value is None:
+        return
+    total = sums[key]
+    if total is None:
+        sums[key] = value
+    elif total.is_contiguous():
+        total.add_(value)
+    else:
+        sums[key] = total + value
 
 
 def _or_zeros(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
