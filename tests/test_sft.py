@@ -6,29 +6,14 @@ import torch
 pytest.importorskip("trl")
 
 from datasets import Dataset
-from tiny_models import assert_updates_close, build, expected_update, snapshot, tiny_tokenizer, updates
+from tiny_models import assert_updates_close, build, expected_update, sgd_args, snapshot, tiny_tokenizer, updates
 
 from fam_hf.sft import FAMSFTConfig, FAMSFTTrainer
 
 
 def _config(tmp_path, **fam):
-    return FAMSFTConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=8,
-        max_steps=1,
-        learning_rate=0.5,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        bf16=False,
-        **fam,
-    )
+    # TRL's SFTConfig turns bf16 on by default; the exact comparison needs the model's own dtype
+    return sgd_args(tmp_path, args_class=FAMSFTConfig, bf16=False, **fam)
 
 
 @pytest.mark.parametrize("gradient", ["full", "head"])

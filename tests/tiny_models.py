@@ -163,9 +163,11 @@ def collator(dtype: torch.dtype):
     return collate
 
 
-def sgd_args(tmp_path, batch_size: int = 8, accumulation: int = 1, **fam) -> FAMTrainingArguments:
-    """Arguments for exactly one plain SGD step over ``batch_size * accumulation`` examples."""
-    return FAMTrainingArguments(
+def sgd_args(
+    tmp_path, batch_size: int = 8, accumulation: int = 1, args_class=FAMTrainingArguments, **fam
+) -> FAMTrainingArguments:
+    """Arguments (``args_class``) for exactly one plain SGD step over ``batch_size * accumulation`` examples."""
+    return args_class(
         output_dir=str(tmp_path),
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation,
