@@ -25,9 +25,12 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--per_device_batch", type=int, default=8)
     parser.add_argument("--deepspeed", action="store_true", help="shard with DeepSpeed ZeRO-3 (GPUs only)")
+    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 through the Trainer (GPUs only)")
     args = parser.parse_args()
     results = {}
     distributed = {"ddp_backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
+    if args.fsdp:
+        distributed = {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True}}
     if args.deepspeed:
         distributed = {
             "deepspeed": {
@@ -37,7 +40,7 @@ def main() -> None:
             }
         }
     for case, (model_type, task, accepts_loss_kwargs) in CASES.items():
-        model = build(model_type, task, dtype=torch.float32 if args.deepspeed else torch.float64)
+        model = build(model_type, task, dtype=torch.float32 if args.deepspeed or args.fsdp else torch.float64)
         if accepts_loss_kwargs is not None:
             model.accepts_loss_kwargs = accepts_loss_kwargs
         batch = batch_for(model, size=8)
@@ -49,7 +52,7 @@ def main() -> None:
                     batch_size=args.per_device_batch,
                     fam_lambda=2.0,
                     fam_gradient="full",
-                    use_cpu=not args.deepspeed,
+                    use_cpu=not (args.deepspeed or args.fsdp),
                     **distributed,
                 ),
                 train_dataset=as_dataset(batch),
