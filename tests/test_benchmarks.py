@@ -32,7 +32,7 @@ def test_overhead_smoke_writes_every_arm_with_timing_and_ratio(tmp_path):
     _run_script("benchmarks/overhead.py", "--smoke", "--reps", "1", "--threads", "1", "--out", str(out))
     result = json.loads(out.read_text())
     timing = result["models"]["smoke"]["timing"]
-    assert set(timing) == {"plain", "fam-full", "fam-head", "fam-weights", "sam", "hessian"}
+    assert set(timing) == {"plain", "fam-full", "fam-head", "fam-weights", "fam-head-rows64", "sam", "hessian"}
     for arm, entry in timing.items():
         assert entry["status"] == "ok", arm
         assert entry["median_s"] > 0 and entry["ratio"] > 0
