@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Attribute paths of classification heads, most specific first. ``None`` after a name means "the layer
-# itself"; a container (RoBERTa's classification head, ResNet's Sequential) resolves to its last linear layer.
+# Attributes that hold classification heads, tried in order. A container resolves to its ``out_proj`` (RoBERTa,
+# BART) or to the last linear layer of a Sequential (ResNet).
 CLASSIFIER_NAMES = ("score", "classifier", "classification_head", "qa_outputs", "cls_head", "head")
 
 
