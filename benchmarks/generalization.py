@@ -391,6 +391,19 @@ def _read_runs(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def merge_runs(logs: list[list[dict]]) -> list[dict]:
+    """Concatenate run logs, keeping the first run of each (task, arm, seed) so that no pair is counted twice."""
+    seen: set[tuple[str, str, int]] = set()
+    merged = []
+    for log in logs:
+        for run in log:
+            key = (run["task"], run["arm"], run["seed"])
+            if key not in seen:
+                seen.add(key)
+                merged.append(run)
+    return merged
+
+
 # ---- analysis -----------------------------------------------------------------------------------------------
 
 
@@ -682,8 +695,10 @@ def make_plan(args: argparse.Namespace) -> StudyPlan:
     chosen = [tasks[name] for name in args.tasks]
     screen = args.screen_seed_list if args.screen_seed_list is not None else list(range(args.screen_seeds))
     confirm = args.confirm_seed_list if args.confirm_seed_list is not None else list(range(len(screen), args.seeds))
-    fixed = StudyPlan.confirm_fixed
-    return StudyPlan(chosen, screening_order(all_arms(), fixed), screen, confirm, confirm_top=args.confirm_top)
+    fixed = tuple(args.confirm_arms) if args.confirm_arms else StudyPlan.confirm_fixed
+    return StudyPlan(
+        chosen, screening_order(all_arms(), fixed), screen, confirm, confirm_top=args.confirm_top, confirm_fixed=fixed
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -705,6 +720,13 @@ def main(argv: list[str] | None = None) -> None:
         help="explicit screening seeds (to split the study over processes)",
     )
     parser.add_argument("--confirm-seed-list", type=int, nargs="*", default=None, help="explicit confirmation seeds")
+    parser.add_argument(
+        "--confirm-arms",
+        nargs="+",
+        default=None,
+        choices=all_arms(),
+        help="arms confirmed on every confirmation seed (default: baseline, SAM and each mode at 0.1%%)",
+    )
     parser.add_argument("--merge", nargs="*", default=[], help="with --report-only: more run logs (names) to merge")
     parser.add_argument("--name", default=None, help="results name (default: generalization[_quick|_smoke])")
     parser.add_argument("--report-only", action="store_true", help="re-print tables and plots from the run log")
@@ -732,12 +754,14 @@ def main(argv: list[str] | None = None) -> None:
     }
     start = time.perf_counter()
     if args.report_only:
-        runs = _read_runs(log_path) + [
-            r for other in args.merge for r in _read_runs(results_dir / f"{other}_runs.jsonl")
-        ]
+        logs = [log_path] + [results_dir / f"{other}_runs.jsonl" for other in args.merge]
+        runs = merge_runs([_read_runs(path) for path in logs])
     else:
         runs = run_study(plan, log_path)
     meta["seconds"] = time.perf_counter() - start
+    if args.report_only:  # describe the tasks the logs hold, not the command line's
+        known = default_tasks()
+        meta["tasks"] = [known[n].__dict__ for n in dict.fromkeys(r["task"] for r in runs) if n in known]
     if not runs:
         raise SystemExit(f"No runs found in {log_path} (or the --merge logs); nothing to report.")
     img_prefix = name.replace("generalization", "gen")

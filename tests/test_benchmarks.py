@@ -56,6 +56,17 @@ def test_generalization_smoke_writes_summaries_runs_and_plots(tmp_path):
         assert Path(plot).stat().st_size > 0
 
 
+def test_merged_run_logs_count_each_task_arm_seed_once():
+    from benchmarks.generalization import merge_runs, paired_differences
+
+    first = [{"task": "t", "arm": "baseline", "seed": 0, "acc": 0.5}, {"task": "t", "arm": "a", "seed": 0, "acc": 0.7}]
+    second = [{"task": "t", "arm": "baseline", "seed": 0, "acc": 0.9}, {"task": "t", "arm": "a", "seed": 1, "acc": 0.1}]
+    merged = merge_runs([first, second])
+    assert [(r["arm"], r["seed"], r["acc"]) for r in merged] == [("baseline", 0, 0.5), ("a", 0, 0.7), ("a", 1, 0.1)]
+    diff = paired_differences(merged, "t", "acc")["a"]
+    assert diff["seeds"] == 1 and diff["mean"] == pytest.approx(0.2)
+
+
 class _TinyRegressor(nn.Module):
     """Linear - tanh - linear with an MSE loss: no dropout, so both SAM passes are deterministic."""
 
