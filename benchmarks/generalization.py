@@ -504,6 +504,9 @@ def task_table(rows: list[dict[str, Any]]) -> str:
 _COLORS = {"baseline": "black", "sam": "tab:purple", "full": "tab:red", "head": "tab:blue", "weights": "tab:green"}
 
 
+_LINESTYLES = ("-", "--", "-.", ":")  # FAM curves: one per penalty share, in the order of SHARES
+
+
 def _color(arm: str) -> str:
     kind, mode, _ = parse_arm(arm)
     return _COLORS[mode if kind == "fam" else kind]
@@ -611,13 +614,13 @@ def plot_curves(runs: list[dict], tasks: list[str], arms: list[str], path: Path)
                 series = [[p.get(key) for p in c] for c in own if len(c) == len(epochs)]
                 if not series or any(v is None for s in series for v in s):
                     continue
-                kind, mode, _ = parse_arm(arm)
+                share = parse_arm(arm)[2]
                 axes[row, col].plot(
                     epochs,
                     np.mean(series, axis=0),
                     color=_color(arm),
                     label=arm,
-                    ls="-" if kind != "fam" or "0.001" in arm else "--",
+                    ls=_LINESTYLES[SHARES.index(share) % len(_LINESTYLES)] if share in SHARES else "-",
                 )
                 axes[row, col].set_yscale("log" if log else "linear")
                 axes[row, col].set_title(f"{task}: {label}", fontsize=9)
@@ -626,6 +629,15 @@ def plot_curves(runs: list[dict], tasks: list[str], arms: list[str], path: Path)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def curve_arms(runs: list[dict]) -> list[str]:
+    """Return the arms whose mean curves are worth drawing: those run on two seeds or more (else every arm)."""
+    seeds: dict[str, set[int]] = {}
+    for run in runs:
+        seeds.setdefault(run["arm"], set()).add(run["seed"])
+    repeated = [arm for arm, own in seeds.items() if len(own) > 1]
+    return sorted(repeated or seeds, key=arm_sort_key)
 
 
 def report(
@@ -647,8 +659,7 @@ def report(
     }
     plot_accuracy(summaries, plots["accuracy"])
     plot_flatness_gap(runs, tasks, plots["flatness_gap"])
-    curve_arms = ["baseline", "sam", "head@0.001", "weights@0.001", "full@0.001", "head@0.1", "full@0.1"]
-    plot_curves(runs, tasks, curve_arms, plots["curves"])
+    plot_curves(runs, tasks, curve_arms(runs), plots["curves"])
     payload = {
         "plan": plan_meta,
         "environment": environment(),
