@@ -208,6 +208,7 @@ def test_shipped_yaml_configs_parse_into_the_recipe_arguments(name):
     )
     values = yaml.safe_load(config.read_text())
     assert training_args.fam_share == values["fam_share"] and training_args.fam_gradient == values["fam_gradient"]
+    assert training_args.fam_max_rows == values.get("fam_max_rows")
     assert model_args.model_name_or_path == values["model_name_or_path"]
     # flags after the file override it
     _, _, overridden = recipe.parse_arguments(
