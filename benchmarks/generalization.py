@@ -507,7 +507,8 @@ _COLORS = {"baseline": "black", "sam": "tab:purple", "full": "tab:red", "head": 
 _LINESTYLES = ("-", "--", "-.", ":")  # FAM curves: one per penalty share, in the order of SHARES
 
 
-def _color(arm: str) -> str:
+def arm_color(arm: str) -> str:
+    """Return the plot colour of an arm: one per gradient mode, baseline and SAM."""
     kind, mode, _ = parse_arm(arm)
     return _COLORS[mode if kind == "fam" else kind]
 
@@ -524,7 +525,7 @@ def plot_accuracy(summaries: dict[str, list[dict]], path: Path) -> None:
     for col, task in enumerate(tasks):
         rows = summaries[task]
         x = np.arange(len(rows))
-        colors = [_color(r["arm"]) for r in rows]
+        colors = [arm_color(r["arm"]) for r in rows]
         for i, r in enumerate(rows):
             half = _half_width(100 * r["test_accuracy_std"], r["seeds"])
             axes[0, col].errorbar(i, 100 * r["test_accuracy"], yerr=half, fmt="o", color=colors[i], capsize=3)
@@ -618,7 +619,7 @@ def plot_curves(runs: list[dict], tasks: list[str], arms: list[str], path: Path)
                 axes[row, col].plot(
                     epochs,
                     np.mean(series, axis=0),
-                    color=_color(arm),
+                    color=arm_color(arm),
                     label=arm,
                     ls=_LINESTYLES[SHARES.index(share) % len(_LINESTYLES)] if share in SHARES else "-",
                 )

@@ -54,6 +54,13 @@ def test_generalization_smoke_writes_summaries_runs_and_plots(tmp_path):
         assert {"seed", "train_accuracy", "test_accuracy", "relative_flatness"} <= set(run)
     for plot in result["plots"].values():
         assert Path(plot).stat().st_size > 0
+    overview = tmp_path / "overview.png"
+    _run_script(
+        "benchmarks/overview.py",
+        *("--results-dir", str(tmp_path), "--studies", "generalization_smoke", "--min-seeds", "2"),
+        *("--out", str(overview)),
+    )
+    assert overview.stat().st_size > 0
 
 
 def test_merged_run_logs_count_each_task_arm_seed_once():
