@@ -70,6 +70,7 @@ def model_specs(quick: bool = False) -> dict[str, ModelSpec]:
     ``quick`` (under 3 minutes on 2 cores): MiniLM at 8 x 128 tokens, the SmolLM2 shape with 4 of its 30 layers,
     2 rounds each.
     """
+    minilm_batch = 8 if quick else 16
     smollm = dict(
         vocab_size=49152,
         hidden_size=576,
@@ -86,10 +87,10 @@ def model_specs(quick: bool = False) -> dict[str, ModelSpec]:
             "minilm",
             "sequence",
             dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, num_labels=5),
-            batch_size=8 if quick else 16,
+            batch_size=minilm_batch,
             seq_len=128,
             reps=2 if quick else 5,
-            note=f"MiniLM-L6 shape, 5 labels, {8 if quick else 16} x 128 tokens",
+            note=f"MiniLM-L6 shape, 5 labels, {minilm_batch} x 128 tokens",
         ),
         "bert-base": ModelSpec(
             "bert-base",

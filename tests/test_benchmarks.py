@@ -113,8 +113,8 @@ def _hand_sam_step(model: nn.Module, data: TensorDictDataset) -> dict[str, torch
     return {n: (w - LR * g).detach() for n, w, g in zip(names, weights, sharp_grads)}
 
 
-@pytest.mark.parametrize("batch, accumulation", [(4, 1), (2, 2), (1, 4)])
-def test_sam_trainer_step_equals_hand_computed_sam_step(tmp_path, batch, accumulation):
+def _sam_step(tmp_path, batch: int, accumulation: int, **overrides) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Run one SAMTrainer step with plain SGD; return the model and the hand-computed parameters it should have."""
     data = _data()
     expected = _hand_sam_step(_TinyRegressor(), data)
     model = _TinyRegressor()
@@ -132,32 +132,21 @@ def test_sam_trainer_step_equals_hand_computed_sam_step(tmp_path, batch, accumul
         save_strategy="no",
         use_cpu=True,
         disable_tqdm=True,
+        **overrides,
     )
     SAMTrainer(model=model, args=args, train_dataset=data, sam_rho=RHO).train()
+    return model, expected
+
+
+@pytest.mark.parametrize("batch, accumulation", [(4, 1), (2, 2), (1, 4)])
+def test_sam_trainer_step_equals_hand_computed_sam_step(tmp_path, batch, accumulation):
+    model, expected = _sam_step(tmp_path, batch, accumulation)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.detach(), expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_sam_trainer_runs_under_bf16_autocast(tmp_path):
-    data = _data()
-    expected = _hand_sam_step(_TinyRegressor(), data)
-    model = _TinyRegressor()
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=1,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        learning_rate=LR,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        bf16=True,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    SAMTrainer(model=model, args=args, train_dataset=data, sam_rho=RHO).train()
+    model, expected = _sam_step(tmp_path, 2, 2, bf16=True)
     for name, param in model.named_parameters():
         assert param.dtype == torch.float32
         torch.testing.assert_close(param.detach(), expected[name], rtol=3e-2, atol=3e-3, msg=name)
