@@ -170,24 +170,83 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def load_fashion_mnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(images, labels)`` of Fashion-MNIST ``split`` ("train" or "test"): floats (N, 1, 28, 28) in [-1, 1]."""
-    prefix = "train" if split == "train" else "t10k"
-    images_path = _first_existing(FASHION_MNIST_DIR, f"{prefix}-images-idx3-ubyte")
-    labels_path = _first_existing(FASHION_MNIST_DIR, f"{prefix}-labels-idx1-ubyte")
-    images = torch.from_numpy(read_idx(images_path).copy()).float().div(127.5).sub(1.0).unsqueeze(1)
-    labels = torch.from_numpy(read_idx(labels_path).copy()).long()
+FASHION_MNIST_INSTALL = (
+    "Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu, as root; it puts the IDX files in "
+    "/usr/share/datasets/fashion-mnist), or set FASHION_MNIST_DIR to a folder holding train-images-idx3-ubyte, "
+    "train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (gzipped or not). "
+    "`--smoke` needs neither: it generates its data."
+)
+
+
+def load_fashion_mnist(split: str, synthetic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(images, labels)`` of Fashion-MNIST ``split`` ("train" or "test"): floats (N, 1, 28, 28) in [-1, 1].
+
+    ``synthetic``: images generated in code (:func:`synthetic_fashion_mnist_arrays`) instead of the IDX files, turned
+    into tensors the same way; nothing is read from disk.
+    """
+    if synthetic:
+        images, labels = synthetic_fashion_mnist_arrays(split)
+    else:
+        prefix = "train" if split == "train" else "t10k"
+        images = read_idx(_first_existing(FASHION_MNIST_DIR, f"{prefix}-images-idx3-ubyte"))
+        labels = read_idx(_first_existing(FASHION_MNIST_DIR, f"{prefix}-labels-idx1-ubyte"))
+    return _fashion_mnist_tensors(images, labels)
+
+
+def _fashion_mnist_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn uint8 arrays (N, 28, 28) and (N,) as the IDX files hold them into the loader's tensors."""
+    images = torch.from_numpy(np.array(images, dtype=np.uint8)).float().div(127.5).sub(1.0).unsqueeze(1)
+    return images, torch.from_numpy(np.array(labels, dtype=np.uint8)).long()
+
+
+def synthetic_fashion_mnist_arrays(
+    split: str, train_size: int = 2000, test_size: int = 1000
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return uint8 ``(images (N, 28, 28), labels (N,))`` shaped like Fashion-MNIST, generated in code.
+
+    Each of the 10 classes has a fixed 4 x 4 grid of grey levels blown up to 28 x 28 (blocks of 7 pixels, one ViT
+    patch each); an image is half its class pattern, half uniform noise, so a model can learn the class.
+    The patterns are the same for both splits; the noise and labels differ.
+    """
+    patterns = np.kron(np.random.default_rng(0).integers(0, 256, (10, 4, 4)), np.ones((7, 7)))
+    rng = np.random.default_rng(1 if split == "train" else 2)
+    count = train_size if split == "train" else test_size
+    labels = rng.integers(0, 10, count).astype(np.uint8)
+    noise = rng.integers(0, 256, (count, 28, 28))
+    images = (0.5 * patterns[labels] + 0.5 * noise).round().clip(0, 255).astype(np.uint8)
     return images, labels
+
+
+def synthetic_token_ids(
+    count: int = 1200, classes: int = 5, max_length: int = 64, vocab_size: int = 1000
+) -> tuple[dict[str, torch.Tensor], list[int], list[str]]:
+    """Return ``(encoded, labels, class names)`` of ``count`` generated documents, as a padded tokenizer returns them.
+
+    ``encoded`` has ``input_ids`` and ``attention_mask`` (int64, ``(count, max_length)``): ``[CLS]`` (id 1), 6 to
+    ``max_length - 2`` word ids, ``[SEP]`` (id 2), then padding (id 0, mask 0). Each class has 20 keyword ids that
+    make up about 30% of its words; the other words are drawn from the whole vocabulary.
+    """
+    rng = np.random.default_rng(3)
+    words = np.arange(3, vocab_size)
+    keywords = rng.choice(words, size=(classes, 20), replace=False)
+    labels = [i % classes for i in range(count)]
+    input_ids = np.zeros((count, max_length), dtype=np.int64)
+    attention_mask = np.zeros((count, max_length), dtype=np.int64)
+    for row, label in enumerate(labels):
+        length = int(rng.integers(6, max_length - 1))
+        body = np.where(rng.random(length) < 0.3, rng.choice(keywords[label], length), rng.choice(words, length))
+        input_ids[row, : length + 2] = [1, *body, 2]
+        attention_mask[row, : length + 2] = 1
+    encoded = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
+    return encoded, labels, [f"class{c}" for c in range(classes)]
 
 
 def _first_existing(folder: Path, stem: str) -> Path:
     for name in (stem + ".gz", stem):
         if (folder / name).exists():
             return folder / name
-    raise FileNotFoundError(
-        f"{stem} not found in {folder}. Install Fashion-MNIST with `apt-get install -y dataset-fashion-mnist` "
-        "or point FASHION_MNIST_DIR at the IDX files."
-    )
+    where = f"{folder} has no {stem}[.gz]" if folder.is_dir() else f"{folder} does not exist"
+    raise FileNotFoundError(f"Fashion-MNIST not found: {where}. {FASHION_MNIST_INSTALL}")
 
 
 class TensorDictDataset(torch.utils.data.Dataset):

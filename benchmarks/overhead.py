@@ -21,6 +21,7 @@ import copy
 import os
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -304,8 +305,14 @@ def make_trainer(arm: str, model: torch.nn.Module, data: TensorDictDataset, time
 # ---- timing -------------------------------------------------------------------------------------------------
 
 
-def time_arms(spec: ModelSpec, arms: list[str], reps: int, workdir: str = "/tmp/fam_overhead") -> dict[str, Any]:
-    """Return per arm the step times (after one warm-up step) of interleaved, order-rotated repetitions."""
+def time_arms(spec: ModelSpec, arms: list[str], reps: int, workdir: str | None = None) -> dict[str, Any]:
+    """Return per arm the step times (after one warm-up step) of interleaved, order-rotated repetitions.
+
+    ``workdir``: the Trainers' output_dir (nothing is saved there); by default a temporary folder, removed after.
+    """
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix="fam_overhead_") as scratch:
+            return time_arms(spec, arms, reps, scratch)
     base = build_model(spec)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     data = synthetic_data(spec, base)

@@ -1,8 +1,14 @@
-"""The benchmark scripts run end to end (tiny ``--smoke`` settings) and SAMTrainer takes exact SAM steps."""
+"""The benchmark scripts run end to end (tiny ``--smoke`` settings) and SAMTrainer takes exact SAM steps.
+
+The smoke runs use data generated in code: each subprocess gets FASHION_MNIST_DIR pointing at a folder that does not
+exist, so a smoke path that read the real Fashion-MNIST would fail here, not only on a machine without the package.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +21,7 @@ from transformers import TrainingArguments
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import benchmarks.common as common  # noqa: E402
 from benchmarks.common import TensorDictDataset  # noqa: E402
 from benchmarks.sam import SAMTrainer  # noqa: E402
 
@@ -22,14 +29,16 @@ RHO = 0.05
 LR = 0.1
 
 
-def _run_script(*args: str) -> None:
-    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def _run_script(*args: str, tmp_path: Path) -> None:
+    env = {**os.environ, "FASHION_MNIST_DIR": str(tmp_path / "no-fashion-mnist-here")}
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_overhead_smoke_writes_every_arm_with_timing_and_ratio(tmp_path):
     out = tmp_path / "overhead.json"
-    _run_script("benchmarks/overhead.py", "--smoke", "--reps", "1", "--threads", "1", "--out", str(out))
+    args = ("--smoke", "--reps", "1", "--threads", "1", "--out", str(out))
+    _run_script("benchmarks/overhead.py", *args, tmp_path=tmp_path)
     result = json.loads(out.read_text())
     timing = result["models"]["smoke"]["timing"]
     assert set(timing) == {"plain", "fam-full", "fam-head", "fam-weights", "fam-head-rows64", "sam", "hessian"}
@@ -41,15 +50,19 @@ def test_overhead_smoke_writes_every_arm_with_timing_and_ratio(tmp_path):
 
 
 def test_generalization_smoke_writes_summaries_runs_and_plots(tmp_path):
-    _run_script("benchmarks/generalization.py", "--smoke", "--threads", "1", "--out-dir", str(tmp_path))
+    args = ("--smoke", "--threads", "1", "--out-dir", str(tmp_path))
+    _run_script("benchmarks/generalization.py", *args, tmp_path=tmp_path)
     result = json.loads((tmp_path / "generalization_smoke.json").read_text())
-    rows = {row["arm"]: row for row in result["summaries"]["vision"]}
-    assert set(rows) == {"baseline", "full@0.01", "head@0.01", "weights@0.01", "sam"}
-    for arm, row in rows.items():
-        for field in ("test_accuracy", "test_loss", "d_accuracy", "gap_accuracy", "relative_flatness"):
-            assert field in row, (arm, field)
-    assert rows["head@0.01"]["seeds"] == 2 and rows["head@0.01"]["fam_lambda"] > 0
-    assert rows["baseline"]["fam_lambda"] is None
+    assert set(result["summaries"]) == {"vision", "text"}
+    assert all(task["synthetic"] for task in result["plan"]["tasks"])
+    for task in ("vision", "text"):
+        rows = {row["arm"]: row for row in result["summaries"][task]}
+        assert set(rows) == {"baseline", "full@0.01", "head@0.01", "weights@0.01", "sam"}, task
+        for arm, row in rows.items():
+            for field in ("test_accuracy", "test_loss", "d_accuracy", "gap_accuracy", "relative_flatness"):
+                assert field in row, (task, arm, field)
+        assert rows["head@0.01"]["seeds"] == 2 and rows["head@0.01"]["fam_lambda"] > 0
+        assert rows["baseline"]["fam_lambda"] is None
     for run in result["runs"]:
         assert {"seed", "train_accuracy", "test_accuracy", "relative_flatness"} <= set(run)
     for plot in result["plots"].values():
@@ -59,8 +72,39 @@ def test_generalization_smoke_writes_summaries_runs_and_plots(tmp_path):
         "benchmarks/overview.py",
         *("--results-dir", str(tmp_path), "--studies", "generalization_smoke", "--min-seeds", "2"),
         *("--out", str(overview)),
+        tmp_path=tmp_path,
     )
     assert overview.stat().st_size > 0
+
+
+def _write_idx(path: Path, array) -> None:
+    """Write a uint8 array as an IDX file (type code 0x08), the format Fashion-MNIST ships in."""
+    header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    path.write_bytes(header + array.tobytes())
+
+
+def test_fashion_mnist_loader_reads_idx_files_like_the_generated_data(tmp_path, monkeypatch):
+    generate = common.synthetic_fashion_mnist_arrays
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images, labels = generate(split, train_size=30, test_size=20)
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", images)
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", labels)
+    monkeypatch.setattr(common, "FASHION_MNIST_DIR", tmp_path)
+    monkeypatch.setattr(common, "synthetic_fashion_mnist_arrays", lambda split: generate(split, 30, 20))
+    for split, rows in (("train", 30), ("test", 20)):
+        real_x, real_y = common.load_fashion_mnist(split)
+        fake_x, fake_y = common.load_fashion_mnist(split, synthetic=True)
+        assert real_x.shape == (rows, 1, 28, 28) and real_x.dtype == torch.float32 and real_y.dtype == torch.int64
+        assert real_x.min() >= -1 and real_x.max() <= 1
+        torch.testing.assert_close(real_x, fake_x)
+        torch.testing.assert_close(real_y, fake_y)
+
+
+def test_missing_fashion_mnist_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "FASHION_MNIST_DIR", tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist") as missing:
+        common.load_fashion_mnist("train")
+    assert "FASHION_MNIST_DIR" in str(missing.value) and "does not exist" in str(missing.value)
 
 
 def test_merged_run_logs_count_each_task_arm_seed_once():
