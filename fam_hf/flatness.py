@@ -5,6 +5,10 @@ flatness is ``kappa = sum_{s,s'} <w_s, w_s'> Tr(H_{s,s'})``. Because ``z`` is li
 factor through the logits, ``kappa = sum_i ||phi_i||^2 <W W^T, G_i>`` with ``G_i`` the Hessian of the loss with
 respect to row ``i``'s logits. Cross-entropy, MSE and BCE have closed forms for ``<W W^T, G_i>``; any other
 loss gets ``G_i`` from autograd in logit space (an m x m matrix per row, m the number of outputs).
+
+Question answering and multiple choice apply the softmax across rows instead: within each group (an example),
+over its members (positions or choices), separately for each logit column. :func:`grouped_flatness_sum` covers
+them; see its docstring for the closed form.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 
 LOSSES = ("cross_entropy", "mse", "bce")
 GRADIENT_MODES = ("full", "head", "weights")
+_GROUPED = "grouped_cross_entropy"  # internal: the softmax over each group's members, see grouped_flatness_sum
 
 LossFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -138,6 +143,68 @@ def head_flatness_sum(
     )
 
 
+def grouped_flatness_sum(
+    gradient: str | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    features: torch.Tensor,
+    logits: torch.Tensor,
+    loss_weights: torch.Tensor,
+    rows: torch.Tensor | float,
+) -> FlatnessSum:
+    """Return the :class:`FlatnessSum` of a head whose loss is a softmax over the members of each group.
+
+    The head maps ``features`` ``(groups, members, d)`` to ``logits`` ``(groups, members, m)``, and the loss is
+
+        L = sum_{g, c} loss_weights[g, c] * CE(softmax over t of logits[g, t, c], target_{g, c})
+
+    one cross-entropy per group and logit column, over the group's members: question answering (members are
+    positions, columns start and end, ``loss_weights = counted / (2 N_c)``) or multiple choice (members are
+    choices, one column, ``loss_weights = counted / N``). The loss never mixes columns, so the Hessian in ``W`` is
+    block diagonal with ``H_{c,c} = sum_g loss_weights[g, c] Cov_{t ~ p_gc}(phi_gt)``, and
+
+        kappa = sum_c ||w_c||^2 sum_g loss_weights[g, c] (sum_t p_gtc ||phi_gt||^2 - ||sum_t p_gtc phi_gt||^2)
+
+    with ``p_gc`` the softmax of ``logits[g, :, c]``. Neither the value nor its gradient depends on the bias (the
+    softmax over members is invariant to a shift of the column). Returns ``FlatnessSum(rows * kappa, rows)``, so
+    that ``total / rows = kappa`` for whatever ``rows`` the caller counts the loss over.
+
+    ``gradient`` is a mode of :func:`inputs_for_gradient` or ``None``, with the same meaning and the same
+    forward-time evaluation as :func:`head_flatness_sum`: value and gradient are computed here, so a sharded
+    weight is never read in backward.
+    """
+    if gradient not in (None, *GRADIENT_MODES):
+        raise ValueError(f"Unknown fam_gradient {gradient!r}: use one of {GRADIENT_MODES}.")
+    if weight.dim() != 2 or features.dim() != 3 or logits.dim() != 3:
+        raise ValueError(
+            f"A grouped head needs weight (m, d), features (groups, members, d) and logits (groups, members, m); got "
+            f"{tuple(weight.shape)}, {tuple(features.shape)} and {tuple(logits.shape)}."
+        )
+    _check_shapes(weight, features, logits)
+    if features.shape[:2] != logits.shape[:2] or tuple(loss_weights.shape) != (logits.shape[0], logits.shape[-1]):
+        raise ValueError(
+            f"features {tuple(features.shape)}, logits {tuple(logits.shape)} and loss_weights "
+            f"{tuple(loss_weights.shape)} do not describe the same (groups, members, columns)."
+        )
+    if gradient is None:
+        weight, features, logits = weight.detach(), features.detach(), logits.detach()
+        bias = None if bias is None else bias.detach()
+    elif gradient != "full":
+        features, logits = features.detach(), logits.detach()
+        if gradient == "weights":
+            bias = None if bias is None else bias.detach()
+    fold = gradient == "head"
+    dtype = at_least_float32(features).dtype
+    scale = torch.as_tensor(rows, dtype=dtype, device=features.device)
+    mask = at_least_float32(loss_weights.detach()).to(dtype=dtype, device=features.device) * scale
+    members, dim = features.shape[1:]
+    groups_per_chunk = max(1, CHUNK_ELEMENTS // (members * max(dim, weight.shape[0])))
+    settings = (groups_per_chunk, _GROUPED, fold, gradient == "weights", None)
+    with _float32_math(features):
+        total = _EagerFlatness.apply(settings, weight, bias if fold else None, features, logits, mask, None)
+    return FlatnessSum(total, scale)
+
+
 # Rows x outputs held at once; larger problems (a language model's head) are processed in chunks of rows, so the
 # penalty never holds more than a few tensors of this size.
 CHUNK_ELEMENTS = 1 << 22
@@ -164,6 +231,8 @@ def _eager_flatness_sum(
 
 def _row_terms(loss, weight, row_norms, features, logits, mask, softcap=None, targets=None) -> torch.Tensor:
     """Return ``mask_i ||phi_i||^2 <W W^T, G_i>`` per row, ``G_i`` the loss's Hessian in row i's logits."""
+    if loss == _GROUPED:
+        return _grouped_softmax_terms(row_norms, features, logits, mask)
     logits = at_least_float32(logits)
     width = logits.shape[-1]
     if loss == "cross_entropy" and softcap is not None:
@@ -204,6 +273,29 @@ def _softmax_curvature(weight: torch.Tensor, row_norms: torch.Tensor, logits: to
     return spread - (rest_mean_sq - 2 * rest_mass * cross + rest_mass.pow(2) * top_norm)
 
 
+def _grouped_softmax_terms(
+    row_norms: torch.Tensor, features: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Return ``weights[g, c] ||w_c||^2 Var_{t ~ p_gc}(phi_gt)`` per group and column, the softmax over members.
+
+    The variance is taken about each group's most likely member, as :func:`_softmax_curvature` does about the most
+    likely class: a confident prediction then gives terms of the order of ``1 - p_top`` instead of a difference of
+    two nearly equal ``||phi||^2``. Any centre gives the same value; this one keeps float32 accurate.
+    """
+    features = at_least_float32(features)
+    probs = torch.softmax(at_least_float32(logits), dim=1)  # (groups, members, columns)
+    top = probs.detach().argmax(1)  # (groups, columns)
+    groups = torch.arange(features.shape[0], device=features.device)
+    variances = []
+    for column in range(probs.shape[-1]):
+        centred = features - features[groups, top[:, column]].unsqueeze(1)
+        prob = probs[..., column]
+        spread = (prob * centred.pow(2).sum(-1)).sum(-1)
+        mean = torch.einsum("gt,gtd->gd", prob, centred)
+        variances.append(spread - mean.pow(2).sum(-1))
+    return torch.stack(variances, -1) * weights * row_norms
+
+
 def _capped_softmax_curvature(weight, row_norms, logits, cap: float, targets: torch.Tensor) -> torch.Tensor:
     """Return ``<W W^T, H_i>`` per row for cross-entropy on ``cap * tanh(logits / cap)``.
 
@@ -237,6 +329,7 @@ class _EagerFlatness(torch.autograd.Function):
     def forward(ctx, settings, weight, bias, features, logits, mask, targets):
         rows_per_chunk, loss, fold_logits, hold_logits, softcap = settings
         need_weight, need_bias, need_features, need_logits = ctx.needs_input_grad[1:5]
+        width, dim = weight.shape
         weight32 = at_least_float32(weight.detach())
         leaves = {
             "weight": weight32.requires_grad_(need_weight),
@@ -284,10 +377,11 @@ class _EagerFlatness(torch.autograd.Function):
                     grad_features[rows] = grads["features"]
                 if grads.get("logits") is None:
                     pass
-                elif fold_logits:
-                    chunk_grad = at_least_float32(grads["logits"])
+                elif fold_logits:  # rows may be groups of rows (a grouped head): fold over every leading dimension
+                    chunk_grad = at_least_float32(grads["logits"]).reshape(-1, width)
                     if "weight" in sums:
-                        _accumulate(sums, "weight", chunk_grad.T @ at_least_float32(features[rows].detach()))
+                        chunk_rows = at_least_float32(features[rows].detach()).reshape(-1, dim)
+                        _accumulate(sums, "weight", chunk_grad.T @ chunk_rows)
                     if "bias" in sums:
                         _accumulate(sums, "bias", chunk_grad.sum(0))
                 else:

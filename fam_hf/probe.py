@@ -7,7 +7,7 @@ The penalty is computed inside the head's forward hook, while the weight that pr
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .flatness import FlatnessSum, at_least_float32, head_flatness_sum
+from .flatness import FlatnessSum, at_least_float32, grouped_flatness_sum, head_flatness_sum
 from .head import _base_model, find_head, linear_weight
-from .rows import IGNORE_INDEX, HeadTask, sample_rows
+from .rows import IGNORE_INDEX, GroupedRows, HeadTask, sample_rows
 
 
 @dataclass
@@ -26,12 +26,18 @@ class BatchFlatness:
 
     ``task_loss`` is the sum over the same rows of the plain loss, and ``correct`` the number of rows whose
     arg-max matches a class label; both are filled only when asked for (``with_task=True``).
+
+    ``kind`` is the task (:data:`fam_hf.rows.KINDS`). For question answering and multiple choice a row is an
+    example: ``rows`` is the batch size (question answering) or the number of examples with a label (multiple
+    choice), ``task_loss / rows`` is the model's own loss, ``flatness.total / rows`` its ``kappa``, and ``correct``
+    counts the examples whose predicted span (start and end) or choice is right.
     """
 
     flatness: FlatnessSum
     loss: str
     task_loss: torch.Tensor | None = None
     correct: torch.Tensor | None = None
+    kind: str | None = None
 
 
 class FlatnessProbe:
@@ -44,7 +50,8 @@ class FlatnessProbe:
     ``fused=True`` is for causal LMs whose forward never runs the head (TRL's fused LM head): the probe then
     watches the backbone's last hidden state and computes the logits chunk by chunk from the head's weight.
     ``max_rows`` estimates the training penalty from that many random counted rows per batch (unbiased, from
-    its own generator seeded by ``seed``); measurements with ``sample=False`` always use every row.
+    its own generator seeded by ``seed``), or from ``max_rows(counted)`` rows when it is a callable (a budget that
+    follows the batch); measurements with ``sample=False`` always use every row.
     """
 
     def __init__(
@@ -54,7 +61,7 @@ class FlatnessProbe:
         loss: str | None = None,
         normalize: bool = False,
         fused: bool = False,
-        max_rows: int | None = None,
+        max_rows: int | Callable[[int], int] | None = None,
         seed: int = 0,
     ) -> None:
         self.head_name, self.head = find_head(model, head)
@@ -123,6 +130,8 @@ class FlatnessProbe:
             request["results"].append(self._measure(weight, bias, features, logits, request))
 
     def _measure(self, weight, bias, features, logits, request) -> BatchFlatness:
+        if self.task.grouped:
+            return self._measure_groups(weight, bias, features, logits, request)
         features, logits, labels = self.task.select(features, logits, request["inputs"], request["labels"])
         loss = self.task.loss_for(labels)
         counted = None
@@ -133,13 +142,30 @@ class FlatnessProbe:
         flatness = head_flatness_sum(request["gradient"], weight, bias, *rows, loss=loss, softcap=self.task.softcap)
         if counted is not None:
             total_rows = torch.tensor(counted, device=flatness.rows.device, dtype=flatness.rows.dtype)
-            flatness = FlatnessSum(flatness.total * (counted / self.max_rows), total_rows)
-        result = BatchFlatness(self._normalized(flatness, weight), loss)
+            flatness = FlatnessSum(flatness.total * (counted / drawn[0].shape[0]), total_rows)
+        result = BatchFlatness(self._normalized(flatness, weight), loss, kind=self.task.kind)
         if request["with_task"] and labels is not None and logits is not None:
             task_logits = logits.detach()
             if self.task.softcap is not None:
                 task_logits = self.task.softcap * torch.tanh(at_least_float32(task_logits) / self.task.softcap)
             result.task_loss, result.correct = _task_sums(task_logits, labels, loss)
+        return result
+
+    def _measure_groups(self, weight, bias, features, logits, request) -> BatchFlatness:
+        """Question answering or multiple choice: a softmax over each example's positions or choices.
+
+        Every row of such a head is needed for each example's softmax, so ``max_rows`` never samples here (the head
+        is a handful of outputs wide; the penalty costs about what the head's forward pass does).
+        """
+        if logits is None:
+            raise ValueError(f"A {self.task.kind} head must materialize its logits; fused=True is for causal LMs.")
+        groups = self.task.groups(features, logits, request["inputs"], request["labels"], head_name=self.head_name)
+        flatness = grouped_flatness_sum(
+            request["gradient"], weight, bias, groups.features, groups.logits, groups.loss_weights, groups.rows
+        )
+        result = BatchFlatness(self._normalized(flatness, weight), "cross_entropy", kind=self.task.kind)
+        if request["with_task"] and groups.targets is not None:
+            result.task_loss, result.correct = _grouped_task_sums(groups)
         return result
 
     def _normalized(self, flatness: FlatnessSum, weight: torch.Tensor) -> FlatnessSum:
@@ -167,3 +193,18 @@ def _task_sums(logits: torch.Tensor, labels: torch.Tensor, loss: str) -> tuple[t
         return F.mse_loss(rows, targets, reduction="sum") / rows.shape[-1], None
     total = F.binary_cross_entropy_with_logits(rows, targets, reduction="sum") / rows.shape[-1]
     return total, ((rows > 0) == (targets > 0.5)).all(-1).sum()
+
+
+def _grouped_task_sums(groups: GroupedRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``rows`` times the model's loss, computed as the model does, and the number of examples it gets right.
+
+    Each column's cross-entropy is a mean over its counted groups (``nan`` if none counts, as in the model), and
+    the columns are combined with their weights: ``(CE_start + CE_end) / 2`` for question answering.
+    """
+    logits = at_least_float32(groups.logits.detach())
+    loss = logits.new_zeros(())
+    for column, weight in enumerate(groups.column_weights):
+        column_loss = F.cross_entropy(logits[..., column], groups.targets[:, column], ignore_index=IGNORE_INDEX)
+        loss = loss + weight * column_loss
+    hits = (logits.argmax(1) == groups.targets) & groups.counted
+    return loss * groups.rows.to(loss.dtype), hits.all(-1).sum()

@@ -7,9 +7,11 @@ small heads; :func:`fam_hf.relative_flatness` gives the same number without it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def head_loss_fn(loss: str | Callable, labels: torch.Tensor | None, ignore_index: int = -100) -> Callable:
@@ -59,3 +61,29 @@ def hessian_relative_flatness(
         traces = traces.detach()
     kappa = ((weight @ weight.T) * traces).sum()
     return kappa / dim if normalize else kappa
+
+
+def model_hessian_relative_flatness(
+    model: nn.Module, inputs: dict[str, Any], head: str | None = None, *, normalize: bool = False
+) -> torch.Tensor:
+    """Return ``kappa`` from ``torch.func.hessian`` of the model's own returned loss in its head's weight.
+
+    The whole model runs for every Hessian column (its backbone does not depend on the head, so this is the Hessian
+    of the batch loss exactly as the model computes it, whatever its task), with the head's weight replaced and
+    everything else as it is. For tests on tiny models only: put the model in eval mode (or without dropout).
+    """
+    from .head import find_head
+
+    name, module = find_head(model, head)
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"The brute-force model Hessian needs an nn.Linear head; {name!r} is {type(module).__name__}.")
+    weight = module.weight.detach()
+    prefix = next(n for n, m in model.named_modules() if m is module)
+
+    def batch_loss(w: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, {f"{prefix}.weight": w}, args=(), kwargs=inputs).loss
+
+    hessian = torch.func.hessian(batch_loss)(weight)
+    traces = torch.diagonal(hessian, dim1=1, dim2=3).sum(-1)
+    kappa = ((weight @ weight.T) * traces).sum().detach()
+    return kappa / weight.shape[-1] if normalize else kappa

@@ -114,3 +114,13 @@ def test_conv1d_heads_are_read_transposed():
     weight, bias = linear_weight(layer)
     features = torch.randn(2, 5)
     torch.testing.assert_close(layer(features), features @ weight.T + bias)
+
+
+def test_finds_question_answering_and_multiple_choice_heads():
+    from transformers import AutoModelForMultipleChoice, AutoModelForQuestionAnswering
+
+    config = AutoConfig.for_model("bert", **SMALL, vocab_size=40)
+    qa = AutoModelForQuestionAnswering.from_config(config)
+    mc = AutoModelForMultipleChoice.from_config(config)
+    assert find_head(qa)[0] == "qa_outputs" and qa.qa_outputs.out_features == 2
+    assert find_head(mc)[0] == "classifier" and mc.classifier.out_features == 1

@@ -1,9 +1,10 @@
 """Rows the loss uses, and the unbiased row sample for large heads."""
 
+import pytest
 import torch
 
 from fam_hf.flatness import head_flatness_sum
-from fam_hf.rows import sample_rows
+from fam_hf.rows import HeadTask, sample_rows, task_kind
 
 
 def _lm_rows(seed=0, rows=12, dim=5, width=7):
@@ -34,3 +35,93 @@ def test_no_row_is_dropped_when_the_batch_is_small_enough():
     weight, features, logits, labels = _lm_rows()
     f, z, y, counted = sample_rows(features, logits, labels, 10, torch.Generator())
     assert counted is None and f is features and z is logits and y is labels
+
+
+# ---- the kind of task, from the model ----------------------------------------------------------------------------
+
+
+def _tiny(class_name: str, model_type: str):
+    import transformers
+    from tiny_models import CONFIGS
+
+    config = CONFIGS[model_type]()
+    return getattr(transformers, class_name)(config)
+
+
+@pytest.mark.parametrize(
+    "class_name,model_type,loss_type,kind",
+    [
+        ("BertForQuestionAnswering", "bert", "ForQuestionAnswering", "question_answering"),
+        ("BertForMultipleChoice", "bert", None, "multiple_choice"),
+        ("LlamaForCausalLM", "llama", "ForCausalLM", "causal_lm"),
+        ("BertForSequenceClassification", "bert", "ForSequenceClassification", "sequence"),
+        ("ViTForImageClassification", "vit", "ForImageClassification", "sequence"),
+        ("BertForTokenClassification", "bert", "ForTokenClassification", "tokens"),
+        ("GPT2ForSequenceClassification", "gpt2", "ForSequenceClassification", "sequence"),
+        ("GPT2LMHeadModel", "gpt2", None, "causal_lm"),
+        ("BertForMaskedLM", "bert", "ForMaskedLM", "tokens"),
+    ],
+)
+def test_the_task_kind_comes_from_loss_type_then_the_auto_mapping(class_name, model_type, loss_type, kind):
+    model = _tiny(class_name, model_type)
+    assert model.loss_type == loss_type  # what transformers itself says; None sends us to the auto mappings
+    found, why = task_kind(model)
+    assert found == kind and HeadTask.from_model(model).kind == kind
+    assert why.startswith("loss_type") if loss_type is not None else "MAPPING_NAMES" in why
+
+
+def test_a_class_without_the_task_in_its_name_is_placed_by_its_base_classs_auto_mapping():
+    from tiny_models import CONFIGS
+    from transformers import BertForMultipleChoice, BertForQuestionAnswering
+
+    class Reader(BertForQuestionAnswering):
+        pass
+
+    class Picker(BertForMultipleChoice):
+        pass
+
+    reader, picker = Reader(CONFIGS["bert"]()), Picker(CONFIGS["bert"]())
+    assert reader.loss_type is None and picker.loss_type is None
+    assert task_kind(reader)[0] == "question_answering" and task_kind(picker)[0] == "multiple_choice"
+
+
+def test_a_loss_type_wins_over_the_auto_mapping():
+    """loss_type is what the model's own loss_function computes (decoder-only speech models in transformers'
+    speech seq2seq mapping shift their labels like a causal LM, for example), so it decides when it is set."""
+    from tiny_models import CONFIGS
+    from transformers import BertForMultipleChoice
+
+    model = BertForMultipleChoice(CONFIGS["bert"]())
+    assert task_kind(model)[0] == "multiple_choice"
+    model.loss_type = "ForTokenClassification"
+    assert task_kind(model)[0] == "tokens"
+
+
+def test_encoder_decoder_generation_reads_decoder_labels_unshifted():
+    from transformers import AutoConfig, BartForConditionalGeneration
+
+    config = AutoConfig.for_model(
+        "bart",
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=24,
+        decoder_ffn_dim=24,
+        vocab_size=40,
+    )
+    model = BartForConditionalGeneration(config)
+    assert model.loss_type == "ForConditionalGeneration" and task_kind(model)[0] == "tokens"
+
+
+def test_a_problem_type_makes_an_unlisted_model_a_sequence_classifier():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    model = nn.Linear(3, 2)
+    assert task_kind(model)[0] is None
+    model.config = SimpleNamespace(problem_type="multi_label_classification", num_labels=2)
+    task = HeadTask.from_model(model)
+    assert task.kind == "sequence" and task.loss_for(None) == "bce"
