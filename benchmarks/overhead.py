@@ -44,8 +44,9 @@ from benchmarks.common import (
 )  # noqa: E402
 from benchmarks.sam import SAMTrainer  # noqa: E402
 
-ARMS = ("plain", "fam-full", "fam-head", "fam-weights", "fam-head-rows64", "sam", "hessian")
-SAMPLED_ROWS = 64  # fam-head-rows64: the head mode estimated from 64 random tokens per batch (fam_max_rows)
+# "fam": FAMTrainer at the library's defaults (head mode, fam_max_rows="auto": exact for classifiers, a row sample
+# for a language model's head). "fam-<mode>": the exact penalty (every row) in that gradient mode.
+ARMS = ("plain", "fam", "fam-full", "fam-head", "fam-weights", "sam", "hessian")
 FAM_LAMBDA = 0.01  # fixed, so every step does the same work (the value does not change the cost)
 HESSIAN_LIMIT_BYTES = 2 * 1024**3  # above this the full-Hessian arm is reported as out of memory, not run
 
@@ -109,6 +110,15 @@ def model_specs(quick: bool = False) -> dict[str, ModelSpec]:
             batch_size=2,
             reps=3,
             note="ViT-Base/16 shape, 224 px, 1000 classes, batch 2",
+        ),
+        "smollm2-4x128": ModelSpec(
+            "smollm2-4x128",
+            "causal_lm",
+            smollm,
+            batch_size=4,
+            seq_len=128,
+            reps=2 if quick else 3,
+            note=f"SmolLM2-135M shape ({smollm['num_hidden_layers']} layers, 49,152 vocab), 4 x 128 tokens",
         ),
         "smollm2": ModelSpec(
             "smollm2",
@@ -289,10 +299,9 @@ def make_trainer(arm: str, model: torch.nn.Module, data: TensorDictDataset, time
         seed=0,
     )
     callbacks = [timer]
-    if arm.startswith("fam-"):
-        gradient, _, sampled = arm[4:].partition("-rows")
-        fam = {"fam_max_rows": int(sampled)} if sampled else {}
-        args = quiet_args(FAMTrainingArguments, workdir, fam_lambda=FAM_LAMBDA, fam_gradient=gradient, **fam, **common)
+    if arm == "fam" or arm.startswith("fam-"):
+        fam = {"fam_gradient": arm[4:], "fam_max_rows": None} if arm.startswith("fam-") else {}
+        args = quiet_args(FAMTrainingArguments, workdir, fam_lambda=FAM_LAMBDA, **fam, **common)
         return FAMTrainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
     args = quiet_args(TrainingArguments, workdir, **common)
     if arm == "sam":
@@ -500,7 +509,9 @@ def main(argv: list[str] | None = None) -> None:
         }
         names = ["smoke"]
     else:
-        names = args.models or (["minilm", "smollm2"] if args.quick else ["smollm2", "minilm", "bert-base", "vit-base"])
+        names = args.models or (
+            ["minilm", "smollm2"] if args.quick else ["smollm2-4x128", "smollm2", "minilm", "bert-base", "vit-base"]
+        )
     results: dict[str, Any] = {
         "environment": environment(),
         "fam_lambda": FAM_LAMBDA,

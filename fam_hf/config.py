@@ -43,11 +43,13 @@ class FAMTrainingArguments(TrainingArguments):
             The loss whose Hessian defines the penalty: `"auto"` follows the model (its task and `problem_type`),
             or one of `"cross_entropy"`, `"mse"`, `"bce"`.
 
-        fam_max_rows (`int`, *optional*):
-            Estimate the training penalty from at most this many randomly drawn counted rows (tokens) per batch,
-            scaled to an unbiased estimate of the full penalty. `None` uses every row. For a language model's head
-            the penalty costs about as much as the head itself per row, so a few hundred rows of a long batch
-            keep its cost small; evaluation always uses every row.
+        fam_max_rows (`"auto"`, `int` or `None`, *optional*, defaults to `"auto"`):
+            How many counted rows (tokens) of each training batch the penalty is computed from. `"auto"` keeps the
+            penalty exact where the head is narrow against the model (classifiers: every row) and, where it is wide
+            (a language model's head), estimates it without bias from a share of the batch's rows chosen so that
+            the penalty costs about 5% of a step (at least 32 rows; the share follows the batch). An `int` is a
+            fixed number of rows per batch; `None` (or `"all"` on the command line) always uses every row, the exact
+            penalty. Evaluation always uses every row.
 
     Parameters that control what the penalty trains:
 
@@ -91,21 +93,29 @@ class FAMTrainingArguments(TrainingArguments):
         },
     )
 
-    fam_max_rows: int | None = field(
-        default=None,
-        metadata={"help": "Estimate the training penalty from at most this many random rows (tokens) per batch."},
+    fam_max_rows: str | None = field(
+        default="auto",
+        metadata={
+            "help": "Rows (tokens) per training batch the penalty is computed from: auto (exact for classifiers, an "
+            "unbiased sample costing about 5% of a step for language-model heads), a number, or all (exact)."
+        },
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.check_fam_settings()
+
+    def check_fam_settings(self) -> None:
+        """Validate the ``fam_*`` fields and normalize ``fam_max_rows``; raise a ``ValueError`` naming the fix.
+
+        Also called when each training run starts, because a hyperparameter-search trial writes its values onto
+        the arguments without running ``__post_init__``.
+        """
         if self.fam_lambda is not None and not self.fam_lambda >= 0:
             raise ValueError(f"fam_lambda must be >= 0 (0 switches FAM off); got {self.fam_lambda}.")
         if not self.fam_share > 0:
             raise ValueError(f"fam_share must be > 0; got {self.fam_share}. Use fam_lambda=0 to switch FAM off.")
-        if self.fam_max_rows is not None and self.fam_max_rows < 1:
-            raise ValueError(
-                f"fam_max_rows must be a positive number of rows or None (all rows); got {self.fam_max_rows}."
-            )
+        self.fam_max_rows = _parse_max_rows(self.fam_max_rows)
         if self.fam_gradient not in GRADIENT_MODES:
             raise ValueError(f"fam_gradient must be one of {GRADIENT_MODES}; got {self.fam_gradient!r}.")
         if self.fam_loss not in ("auto", "cross_entropy", "mse", "bce"):
@@ -117,3 +127,19 @@ class FAMTrainingArguments(TrainingArguments):
     def fam_settings(self) -> dict:
         """Return the FAM fields as a plain dict, as saved beside checkpoints."""
         return {name: getattr(self, name) for name in FAM_FIELDS}
+
+
+def _parse_max_rows(value: str | int | None) -> str | int | None:
+    """Return ``"auto"``, a positive row count, or ``None`` (every row), from Python or command-line values."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, str):
+        if value.lower() in ("all", "none"):
+            return None
+        if value.strip().isdigit():
+            value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError(
+        f"fam_max_rows must be 'auto', a positive number of rows, or None / 'all' (every row); got {value!r}."
+    )

@@ -2,8 +2,8 @@
 
 TRL's supervised finetuning computes the loss through a fused LM head that never materializes the logits, so
 the probe watches the backbone's last hidden state and computes the penalty chunk by chunk from the head's
-weight. TRL normalizes its loss by ``num_items_in_batch`` (when the Trainer counts it) and scales it by the
-number of processes when averaging tokens across devices; the penalty follows the same rules.
+weight. TRL's loss is the sum of its per-token negative log-likelihoods (``-outputs.log_probs``) divided and
+scaled as TRL decides; the penalty takes the same factor, read off as the returned loss over that sum.
 
 Requires ``pip install "fam_hf[trl]"``.
 """
@@ -11,13 +11,15 @@ Requires ``pip install "fam_hf[trl]"``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from trl import SFTConfig, SFTTrainer
 
 from .config import FAMTrainingArguments
 from .probe import BatchFlatness
-from .trainer import FAMMixin, _as_tensor
+from .run import FAMRun
+from .trainer import FAMMixin
 
 
 @dataclass
@@ -39,11 +41,36 @@ class FAMSFTTrainer(FAMMixin, SFTTrainer):
 
     fam_fused_head = True
 
-    def _fam_divisor(self, batch: BatchFlatness, outputs, num_items_in_batch) -> torch.Tensor:
-        rows = batch.flatness.rows
-        return rows if num_items_in_batch is None else _as_tensor(num_items_in_batch, rows)
+    def _fam_begin_run(self) -> None:
+        unsupported = {
+            "loss_type='dft'": self.args.loss_type == "dft",
+            "label_smoothing_factor": self.label_smoother is not None,
+            "compute_loss_func": self.compute_loss_func is not None,
+        }
+        named = [name for name, present in unsupported.items() if present]
+        if named and self.args.fam_lambda != 0:
+            raise ValueError(
+                f"FAMSFTTrainer supports TRL's negative log-likelihood loss only, not {', '.join(named)}: the penalty "
+                "takes its normalization from that loss. Remove the setting, or set fam_lambda=0 to only measure."
+            )
+        super()._fam_begin_run()
+        self._fam_run.hooks.append(self.model.register_forward_hook(_record_token_loss_sum(self._fam_run.raw_loss)))
 
-    def _fam_trainer_scale(self, num_items_in_batch) -> float:
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            return float(self.accelerator.num_processes // self.get_tp_size())
-        return 1.0
+    def _fam_scale(self, run: FAMRun, loss: torch.Tensor, batch: BatchFlatness, num_items_in_batch) -> torch.Tensor:
+        """The returned loss over the sum of TRL's per-token losses: TRL's divisor and process factor at once."""
+        if run.raw_loss:
+            token_loss_sum = run.raw_loss[-1].to(loss.device)
+            if bool(token_loss_sum > 0):
+                run.trainer_factor = loss.detach() / token_loss_sum
+        return torch.as_tensor(run.trainer_factor, device=loss.device)
+
+
+def _record_token_loss_sum(record: list[torch.Tensor]):
+    """Return a forward hook keeping ``-sum(log_probs)``, the sum of the fused head's per-token losses."""
+
+    def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        log_probs = getattr(output, "log_probs", None)
+        if isinstance(log_probs, torch.Tensor) and torch.is_grad_enabled():
+            record.append(-log_probs.detach().float().sum())
+
+    return hook

@@ -1,16 +1,17 @@
 """``FAMTrainer``: the Trainer with ``fam_lambda * relative_flatness(head)`` added to every training loss.
 
-The penalty is normalized exactly like the task loss it is added to (by the batch's own row count, or by
-``num_items_in_batch`` over accumulated micro-batches and processes) and then goes through the Trainer's own
-scaling for gradient accumulation and world size, so its weight relative to the task loss never depends on
-how the batch is split. ``FAMMixin`` carries all of it, so any Trainer subclass can gain FAM.
+The penalty is normalized exactly like the task loss it is added to, and that normalization is derived from what
+the model and the Trainer do rather than re-implemented: whether the model's loss divides by
+``num_items_in_batch`` is read off the loss's autograd graph once, and the factor the Trainer applies after the
+model (the number of processes, when it averages tokens across devices) is read off the loss before and after.
+Gradient accumulation then treats the sum like any loss. ``FAMMixin`` carries all of it, so any Trainer subclass
+can gain FAM; the state of a run is built when training starts (:mod:`fam_hf.run`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from typing import Any
 
@@ -18,7 +19,9 @@ import torch
 from transformers import Trainer
 
 from .config import FAMTrainingArguments
+from .head import _active_module, linear_weight
 from .probe import BatchFlatness, FlatnessProbe
+from .run import FAMRun, FAMRunStarter, FAMState, LossRecorder, auto_max_rows, record_model_loss
 
 logger = logging.getLogger(__name__)
 
@@ -41,19 +44,24 @@ class FAMMixin:
                 "TrainingArguments(...) with fam_hf.FAMTrainingArguments(...) (same fields, plus fam_*)."
             )
         check_sharding(self.accelerator)
-        self._fam_lambda: float | None = self.args.fam_lambda
         self._fam_probe: FlatnessProbe | None = None
-        self._fam_divisor_uses_num_items: bool | None = None
-        self._fam_train_sums: dict[str, torch.Tensor] = {}
+        self._fam_probe_model: torch.nn.Module | None = None
+        self._fam_run: FAMRun | None = None
         self._fam_eval_sums: dict[str, torch.Tensor] = {}
-        self._fam_last_logged_step = 0
-        self.fam_probe()  # find the head now, so a model without one fails before training starts
+        self.add_callback(FAMState(settings=self.args.fam_settings()))
+        self.add_callback(FAMRunStarter(self))
+        if self.model is not None:
+            self.fam_probe()  # find the head now, so a model without one fails before training starts
 
-    # ---- the penalty ------------------------------------------------------------------------------------------
+    # ---- the run: built when training starts, for that run's model and arguments --------------------------------
 
     def fam_probe(self) -> FlatnessProbe:
-        """Return the probe watching the model's head (created on first use)."""
-        if self._fam_probe is None:
+        """Return the probe watching the head of the current model (rebuilt when the model is replaced)."""
+        probe = self._fam_probe
+        if probe is None or self._fam_probe_model is not self.model:
+            if probe is not None:
+                probe.remove()
+            self._fam_probe_model = self.model
             loss = None if self.args.fam_loss == "auto" else self.args.fam_loss
             self._fam_probe = FlatnessProbe(
                 self.model,
@@ -61,11 +69,86 @@ class FAMMixin:
                 loss=loss,
                 normalize=self.args.fam_normalize,
                 fused=self.fam_fused_head,
-                max_rows=self.args.fam_max_rows,
                 seed=self.args.seed,
             )
-            logger.info("FAM: penalising the relative flatness of head %r", self._fam_probe.head_name)
+            logger.info("FAM: watching the relative flatness of head %r", self._fam_probe.head_name)
         return self._fam_probe
+
+    def _fam_begin_run(self) -> None:
+        """Build this run's FAM state from ``self.model`` and ``self.args`` as they are now (``on_train_begin``)."""
+        if self._fam_run is not None:
+            self._fam_run.close()
+        self.args.check_fam_settings()  # a search trial sets its values without re-validating them
+        if self._fam_probe is not None:
+            self._fam_probe.remove()
+            self._fam_probe = None  # settings may have changed since the last run
+        probe = self.fam_probe()
+        head_weight = linear_weight(probe.head)[0]
+        max_rows = self.args.fam_max_rows
+        probe.max_rows = auto_max_rows(self.model, tuple(head_weight.shape)) if max_rows == "auto" else max_rows
+        self._fam_run = run = FAMRun(
+            probe=probe, fam_lambda=self._fam_resolved_lambda(), window_start=self.state.global_step
+        )
+        run.hooks.append(self.model.register_forward_hook(record_model_loss(run.raw_loss)))
+        for name in ("compute_loss_func", "label_smoother"):
+            loss_fn = getattr(self, name, None)
+            if loss_fn is not None and not isinstance(loss_fn, LossRecorder):
+                run.wrapped[name] = loss_fn
+                setattr(self, name, LossRecorder(loss_fn, run.raw_loss))
+        self._fam_state().fam_lambda = run.fam_lambda
+        self._fam_state().settings = self.args.fam_settings()
+        if run.fam_lambda != 0:
+            self._fam_check_reach(probe)
+
+    def _fam_end_run(self) -> None:
+        run, self._fam_run = self._fam_run, None
+        if run is None:
+            return
+        for name, loss_fn in run.wrapped.items():
+            setattr(self, name, loss_fn)
+        for handle in run.hooks:  # the probe stays, for evaluation after training
+            handle.remove()
+        run.hooks.clear()
+
+    def _fam_state(self) -> FAMState:
+        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, FAMState))
+
+    def _fam_resolved_lambda(self) -> float | None:
+        """``args.fam_lambda``; or, resuming a run with ``fam_lambda=None``, the lambda its checkpoint resolved."""
+        if self.state.global_step == 0:
+            return self.args.fam_lambda
+        saved = FAMState.saved(self.state)
+        if saved is None:
+            logger.warning("FAM: the checkpoint has no FAM state; resuming with the current FAM settings.")
+            return self.args.fam_lambda
+        now = self.args.fam_settings()
+        changed = {k: (saved.settings.get(k), v) for k, v in now.items() if saved.settings.get(k, v) != v}
+        if changed:
+            logger.warning("FAM: resuming with settings that differ from the checkpoint's (saved, now): %s", changed)
+        if self.args.fam_lambda is None and saved.fam_lambda is not None and "fam_share" not in changed:
+            return float(saved.fam_lambda)
+        return self.args.fam_lambda
+
+    def _fam_check_reach(self, probe: FlatnessProbe) -> None:
+        """Refuse a penalty that can train nothing: a frozen head in the modes that train the head alone."""
+        mode = self.args.fam_gradient
+        if mode == "full":
+            return  # the penalty also reaches the backbone through the features and predictions
+        head = _active_module(probe.head)
+        trainable = [n for n, p in head.named_parameters() if p.requires_grad]
+        if mode == "weights":
+            trainable = [n for n in trainable if not n.endswith("bias")]
+        if trainable:
+            return
+        raise ValueError(
+            f"FAM cannot act: fam_gradient={mode!r} trains only the head {probe.head_name!r}, and none of its "
+            "parameters is trainable (a frozen head, or LoRA adapters on the backbone only), so training would be "
+            "plain training while the logs showed a penalty. Choose one: fam_gradient='full' (the penalty trains the "
+            "backbone through the features); LoRA on the head (add its name to target_modules); the head in PEFT's "
+            f"modules_to_save; or fam_lambda=0 to only measure relative flatness."
+        )
+
+    # ---- the penalty ------------------------------------------------------------------------------------------
 
     def compute_loss(
         self,
@@ -75,123 +158,127 @@ class FAMMixin:
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
         """Return the Trainer's loss plus ``fam_lambda * relative_flatness`` in training; measure it in evaluation."""
-        training = model.training
-        penalize = training and self._fam_lambda != 0
-        probe = self.fam_probe()
-        labels = self._fam_labels(inputs)
-        gradient = self.args.fam_gradient if penalize else None
-        detect = self._fam_needs_task_sum(num_items_in_batch)
-        with probe.watch(inputs, labels, gradient=gradient, with_task=detect, sample=training) as seen:
+        run = self._fam_run
+        if not model.training or run is None:
+            return self._fam_measure(model, inputs, return_outputs, num_items_in_batch)
+        penalize = run.fam_lambda != 0
+        sentinel = self._fam_sentinel(run, num_items_in_batch)
+        run.raw_loss.clear()
+        with run.probe.watch(
+            inputs, self._fam_labels(inputs), gradient=self.args.fam_gradient if penalize else None, sample=True
+        ) as seen:
             result = super().compute_loss(
-                model, inputs, return_outputs=return_outputs or detect, num_items_in_batch=num_items_in_batch
+                model,
+                inputs,
+                return_outputs=return_outputs,
+                num_items_in_batch=num_items_in_batch if sentinel is None else sentinel,
             )
-        loss, outputs = result if return_outputs or detect else (result, None)
+        loss, outputs = result if return_outputs else (result, None)
+        batch = self._fam_seen(seen, run.probe)
+        if sentinel is not None:
+            (used,) = torch.autograd.grad(loss, sentinel, retain_graph=True, allow_unused=True)
+            run.uses_num_items = used is not None
+            if not run.uses_num_items:
+                self._fam_warn_ignored_num_items()
+        penalty = batch.flatness.total * self._fam_scale(run, loss, batch, num_items_in_batch)
+        if penalize:
+            self._fam_check_finite(penalty)
+        if run.fam_lambda is None:
+            run.fam_lambda = self._fam_calibrate(loss.detach(), penalty.detach())
+            self._fam_state().fam_lambda = run.fam_lambda
+        task_loss = loss.detach()
+        if run.fam_lambda != 0:
+            loss = loss + run.fam_lambda * penalty
+        run.pending = (loss.detach(), task_loss, penalty.detach())
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
+        """The Trainer's step; FAM's parts of the loss join the logging window in the units of the logged loss."""
+        step_loss = super().training_step(model, inputs, *args, **kwargs)
+        run = self._fam_run
+        if run is not None and run.pending is not None:
+            total, task_loss, penalty = run.pending
+            run.pending = None
+            # what the Trainer did to the loss after compute_loss (divide by the accumulation steps, or not)
+            factor = torch.where(total != 0, step_loss.detach().to(total.dtype) / total, torch.zeros_like(total))
+            run.add_to_window(task_loss=task_loss * factor, relative_flatness=penalty * factor)
+        return step_loss
+
+    def _fam_measure(self, model, inputs, return_outputs, num_items_in_batch):
+        """Evaluation (or a call outside a training run): the Trainer's loss, and the penalty measured beside it."""
+        probe = self.fam_probe()
+        with probe.watch(inputs, self._fam_labels(inputs), gradient=None) as seen:
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        if not model.training:
+            batch = self._fam_seen(seen, probe)
+            self._fam_accumulate(self._fam_eval_sums, total=batch.flatness.total, rows=batch.flatness.rows)
+        return result
+
+    def _fam_seen(self, seen: list[BatchFlatness], probe: FlatnessProbe) -> BatchFlatness:
         if not seen:
             raise RuntimeError(
                 f"The head {probe.head_name!r} did not run in the forward pass; set fam_layer to the layer that "
                 "produces the logits."
             )
-        batch = seen[0]
-        if not training:
-            self._fam_accumulate(self._fam_eval_sums, total=batch.flatness.total.detach(), rows=batch.flatness.rows)
-            return (loss, outputs) if return_outputs else loss
-
-        penalty = batch.flatness.total / self._fam_divisor(batch, outputs, num_items_in_batch)
-        penalty = penalty * self._fam_trainer_scale(num_items_in_batch)
-        if penalize:
-            self._fam_check_finite(penalty)
-        if self._fam_lambda is None:
-            self._fam_lambda = self._fam_calibrate(loss.detach(), penalty.detach())
-        task_loss = loss.detach()
-        if penalize:
-            loss = loss + self._fam_lambda * penalty
-        scale = (
-            1.0
-            if self._fam_loss_is_scaled_for_ga(num_items_in_batch)
-            else 1.0 / self.current_gradient_accumulation_steps
-        )
-        self._fam_accumulate(self._fam_train_sums, task_loss=task_loss * scale, relative_flatness=penalty * scale)
-        return (loss, outputs) if return_outputs else loss
+        return seen[0]
 
     def _fam_labels(self, inputs: dict[str, Any]) -> torch.Tensor | None:
         names = getattr(self, "label_names", None) or ["labels"]
         labels = inputs.get(names[0]) if len(names) == 1 else None
         return labels if isinstance(labels, torch.Tensor) else None
 
-    def _fam_needs_task_sum(self, num_items_in_batch) -> bool:
-        return (
-            not self.fam_fused_head
-            and num_items_in_batch is not None
-            and self._fam_divisor_uses_num_items is None
-            and self.model_accepts_loss_kwargs
-            and self.compute_loss_func is None
-            and self.label_smoother is None
+    def _fam_sentinel(self, run: FAMRun, num_items_in_batch) -> torch.Tensor | None:
+        """A stand-in for ``num_items_in_batch`` whose use by the model's loss shows in the loss's graph.
+
+        Passed once, on the first batch where the model receives ``num_items_in_batch``: same value, as a float
+        tensor that requires grad, so ``d loss / d num_items`` exists exactly when the model's loss divides by it.
+        """
+        if (
+            run.uses_num_items is not None
+            or num_items_in_batch is None
+            or not self.model_accepts_loss_kwargs
+            or self.compute_loss_func is not None
+            or self.fam_fused_head
+        ):
+            return None
+        value = num_items_in_batch if isinstance(num_items_in_batch, torch.Tensor) else torch.tensor(num_items_in_batch)
+        return value.detach().to(self.args.device, torch.float32).requires_grad_(True)
+
+    def _fam_warn_ignored_num_items(self) -> None:
+        if self.args.gradient_accumulation_steps == 1 and self.args.world_size == 1:
+            return  # the Trainer's scaling changes nothing then
+        logger.warning(
+            "FAM: %s accepts loss kwargs but its loss ignores num_items_in_batch and returns a per-batch mean. "
+            "The Trainer then neither divides it by gradient_accumulation_steps nor undoes its multiplication by the "
+            "number of processes, so each update is that many times larger than with the whole batch at once. "
+            "FAMTrainer keeps the Trainer's behaviour and scales the penalty like that task loss. To average "
+            "instead, set `model.accepts_loss_kwargs = False` before building the trainer.",
+            type(self.accelerator.unwrap_model(self.model)).__name__,
         )
 
-    def _fam_divisor(self, batch: BatchFlatness, outputs: Any, num_items_in_batch) -> torch.Tensor:
-        """Return what the task loss was divided by: this batch's row count, or ``num_items_in_batch``.
+    def _fam_scale(self, run: FAMRun, loss: torch.Tensor, batch: BatchFlatness, num_items_in_batch) -> torch.Tensor:
+        """Return what turns the penalty's row sum into the units of the returned loss: ``trainer_factor / divisor``.
 
-        The Trainer passes ``num_items_in_batch`` to a model whose forward takes loss kwargs, but some models'
-        losses ignore it and return a per-batch mean. Which one applies is read off the first batch where the two
-        differ, by recomputing the task loss over the same rows.
+        The divisor is what the loss was divided by: ``num_items_in_batch`` when the model's loss uses it (read
+        off its graph), or a ``compute_loss_func`` or label smoother receives it (the Trainer's contract for them);
+        otherwise the batch's own counted rows. The Trainer's factor is the returned loss over the loss as the
+        model (or loss function) returned it.
         """
         rows = batch.flatness.rows
-        if num_items_in_batch is None or batch.loss != "cross_entropy":
-            return rows
-        if self.compute_loss_func is not None or self.label_smoother is not None:
-            return _as_tensor(num_items_in_batch, rows)
-        if not self.model_accepts_loss_kwargs:
-            return rows
-        if self._fam_divisor_uses_num_items is None and batch.task_loss is not None:
-            self._fam_divisor_uses_num_items = self._fam_detect_divisor(batch, outputs, num_items_in_batch)
-        return _as_tensor(num_items_in_batch, rows) if self._fam_divisor_uses_num_items else rows
-
-    def _fam_detect_divisor(self, batch: BatchFlatness, outputs: Any, num_items_in_batch) -> bool | None:
-        model_loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
-        model_loss = float(model_loss.detach().float())
-        task_sum = float(batch.task_loss)
-        num_items = float(num_items_in_batch)
-        rows = float(batch.flatness.rows)
-        if rows == num_items:
-            return None  # both readings agree on this batch; decide on a later one
-        if math.isclose(model_loss, task_sum / num_items, rel_tol=1e-3, abs_tol=1e-6):
-            return True
-        if math.isclose(model_loss, task_sum / rows, rel_tol=1e-3, abs_tol=1e-6):
-            logger.warning(
-                "FAM: %s accepts loss kwargs but its loss ignores num_items_in_batch and returns a per-batch mean. "
-                "The Trainer then neither divides it by gradient_accumulation_steps nor undoes its multiplication by "
-                "the number of processes, so each update is that many times larger than with the whole batch at "
-                "once. FAMTrainer keeps the Trainer's behaviour and scales the penalty like that task loss. To "
-                "average instead, set `model.accepts_loss_kwargs = False` before building the trainer.",
-                type(self.accelerator.unwrap_model(self.model)).__name__,
-            )
-            return False
-        logger.warning(
-            "FAM: could not tell how the model normalizes its loss (it matches neither the sum over %d targets "
-            "divided by num_items_in_batch nor their mean); normalizing the penalty by num_items_in_batch, as the "
-            "Trainer assumes.",
-            int(rows),
+        divides_by_items = num_items_in_batch is not None and (
+            self.compute_loss_func is not None
+            or (self.model_accepts_loss_kwargs and (self.label_smoother is not None or bool(run.uses_num_items)))
         )
-        return True
-
-    def _fam_trainer_scale(self, num_items_in_batch) -> float:
-        """The factor the Trainer's ``compute_loss`` multiplies the loss by when averaging tokens across devices."""
-        if (
-            getattr(self.args, "average_tokens_across_devices", False)
-            and (self.model_accepts_loss_kwargs or self.compute_loss_func)
-            and num_items_in_batch is not None
-        ):
-            if self.args.n_gpu > 1:
-                return float(self.args.n_gpu)
-            tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
-            return float(self.accelerator.num_processes // tp_size)
-        return 1.0
-
-    def _fam_loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
-        """Whether ``training_step`` uses the loss as is (``True``) or divides it by the accumulation steps."""
-        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
-            return bool(self.loss_is_scaled_for_ga)
-        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        divisor = _as_tensor(num_items_in_batch, rows) if divides_by_items else rows
+        if run.raw_loss:
+            raw = run.raw_loss[-1].to(loss.device)
+            factor = loss.detach() / raw
+            if bool(raw != 0) and bool(torch.isfinite(factor)):
+                run.trainer_factor = factor
+        factor = torch.as_tensor(run.trainer_factor, device=rows.device).to(rows.dtype)
+        return factor / divisor.to(rows.dtype)
 
     def _fam_calibrate(self, task_loss: torch.Tensor, penalty: torch.Tensor) -> float:
         """Choose ``fam_lambda`` so the penalty is ``fam_share`` of the task loss on this (first) batch."""
@@ -230,17 +317,21 @@ class FAMMixin:
     @property
     def fam_lambda(self) -> float | None:
         """The penalty's weight in use: ``args.fam_lambda``, or the calibrated one once the first batch ran."""
-        return self._fam_lambda
+        return self._fam_run.fam_lambda if self._fam_run is not None else self._fam_state().fam_lambda
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Add ``task_loss``, ``relative_flatness`` and ``fam_lambda`` to training logs, averaged like ``loss``."""
-        if "loss" in logs and self._fam_train_sums:
-            steps = max(self.state.global_step - self._fam_last_logged_step, 1)
-            for key, total in self._fam_train_sums.items():
+        """Add ``task_loss``, ``relative_flatness`` and ``fam_lambda`` to training logs, averaged like ``loss``.
+
+        The window is the Trainer's own: the optimizer steps since the last log, or since the run (re)started.
+        """
+        run = self._fam_run
+        if run is not None and "loss" in logs and run.window:
+            steps = max(self.state.global_step - run.window_start, 1)
+            for key, total in run.window.items():
                 logs[key] = float(self.accelerator.reduce(total, reduction="mean")) / steps
-            logs["fam_lambda"] = self._fam_lambda
-            self._fam_train_sums = {}
-            self._fam_last_logged_step = self.state.global_step
+            logs["fam_lambda"] = run.fam_lambda
+            run.window = {}
+            run.window_start = self.state.global_step
         super().log(logs, *args, **kwargs)
 
     def evaluation_loop(
@@ -275,27 +366,11 @@ class FAMMixin:
             os.makedirs(output_dir, exist_ok=True)
             settings = {
                 **self.args.fam_settings(),
-                "resolved_fam_lambda": self._fam_lambda,
+                "resolved_fam_lambda": self.fam_lambda,
                 "head": self.fam_probe().head_name,
             }
             with open(os.path.join(output_dir, FAM_CONFIG_NAME), "w") as handle:
                 json.dump(settings, handle, indent=2)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
-        path = os.path.join(resume_from_checkpoint, FAM_CONFIG_NAME)
-        if not os.path.isfile(path):
-            logger.warning(
-                "FAM: %s has no %s; resuming with the current FAM settings.", resume_from_checkpoint, FAM_CONFIG_NAME
-            )
-            return
-        with open(path) as handle:
-            saved = json.load(handle)
-        changed = {k: (saved.get(k), v) for k, v in self.args.fam_settings().items() if saved.get(k, v) != v}
-        if changed:
-            logger.warning("FAM: resuming with settings that differ from the checkpoint's (saved, now): %s", changed)
-        if self.args.fam_lambda is None and saved.get("resolved_fam_lambda") is not None and "fam_share" not in changed:
-            self._fam_lambda = float(saved["resolved_fam_lambda"])
 
 
 class FAMTrainer(FAMMixin, Trainer):

@@ -41,7 +41,7 @@ def test_overhead_smoke_writes_every_arm_with_timing_and_ratio(tmp_path):
     _run_script("benchmarks/overhead.py", *args, tmp_path=tmp_path)
     result = json.loads(out.read_text())
     timing = result["models"]["smoke"]["timing"]
-    assert set(timing) == {"plain", "fam-full", "fam-head", "fam-weights", "fam-head-rows64", "sam", "hessian"}
+    assert set(timing) == {"plain", "fam", "fam-full", "fam-head", "fam-weights", "sam", "hessian"}
     for arm, entry in timing.items():
         assert entry["status"] == "ok", arm
         assert entry["median_s"] > 0 and entry["ratio"] > 0

@@ -389,3 +389,53 @@ def test_max_rows_at_least_the_batch_is_exact_and_smaller_estimates(tmp_path):
     entry = next(e for e in trainer.state.log_history if "loss" in e)
     assert entry["relative_flatness"] > 0
     assert not all(torch.allclose(sampled[n], expected[n]) for n in expected)
+
+
+def _fam_part(fam, plain):
+    """The penalty's part of an update: the FAM update minus the plain one from the same model and batch."""
+    return {n: fam[n] - plain[n] for n in fam}
+
+
+@pytest.mark.parametrize(
+    "loss_setting",
+    [
+        {"label_smoothing_factor": 0.1},
+        {"compute_loss_func": lambda outputs, labels, num_items_in_batch=None: _summed_lm_loss(outputs, labels)
+         / num_items_in_batch},
+    ],
+    ids=["label_smoother", "compute_loss_func"],
+)
+def test_trainer_loss_paths_scale_the_penalty_like_the_task_loss_under_accumulation(loss_setting, tmp_path):
+    """A label smoother or compute_loss_func divides by num_items_in_batch: GA=2 halves give the full batch's update,
+    for the task loss (the Trainer's own behaviour) and for the penalty."""
+    batch = batch_for(build("llama", "causal_lm"))
+    loss_setting = dict(loss_setting)
+    loss_func = loss_setting.pop("compute_loss_func", None)
+
+    def step(fam_lambda, **split):
+        model = build("llama", "causal_lm")
+        before = snapshot(model)
+        trainer = FAMTrainer(
+            model=model,
+            args=sgd_args(
+                tmp_path, batch_size=split.get("batch_size", 8), accumulation=split.get("accumulation", 1),
+                fam_lambda=fam_lambda, fam_gradient="full", **loss_setting,
+            ),
+            train_dataset=as_dataset(batch),
+            data_collator=collator(model.dtype),
+            compute_loss_func=loss_func,
+        )
+        trainer.train()
+        return updates(before, model)
+
+    halves = dict(batch_size=4, accumulation=2)
+    plain_full, plain_split = step(0.0), step(0.0, **halves)
+    assert_updates_close(plain_split, plain_full, rtol=1e-6)  # the Trainer's own rule for this loss path
+    penalty_full, penalty_split = _fam_part(step(2.0), plain_full), _fam_part(step(2.0, **halves), plain_split)
+    assert max(float(v.abs().max()) for v in penalty_full.values()) > 1e-3
+    assert_updates_close(penalty_split, penalty_full, rtol=1e-6)
+
+
+def _summed_lm_loss(outputs, labels):
+    logits = outputs["logits"][:, :-1].reshape(-1, outputs["logits"].shape[-1])
+    return torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:].reshape(-1), reduction="sum")

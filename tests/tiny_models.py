@@ -166,7 +166,12 @@ def collator(dtype: torch.dtype):
 def sgd_args(
     tmp_path, batch_size: int = 8, accumulation: int = 1, args_class=FAMTrainingArguments, **fam
 ) -> FAMTrainingArguments:
-    """Arguments (``args_class``) for exactly one plain SGD step over ``batch_size * accumulation`` examples."""
+    """Arguments (``args_class``) for exactly one plain SGD step over ``batch_size * accumulation`` examples.
+
+    The penalty is exact (every row) unless the test asks for a row budget: these steps are compared with the
+    brute force.
+    """
+    fam.setdefault("fam_max_rows", None)
     return args_class(
         output_dir=str(tmp_path),
         per_device_train_batch_size=batch_size,

@@ -1,0 +1,164 @@
+"""The state of one FAM training run, built when training starts, and the part of it a checkpoint carries.
+
+``FAMTrainer`` builds a :class:`FAMRun` in ``on_train_begin`` for the model and the arguments of that run, so
+``model_init``, hyperparameter-search trials (which write their values onto ``args`` before each run) and resumed
+runs each get their own. What must outlive a run, the resolved ``fam_lambda`` and the settings it was resolved
+under, is kept by :class:`FAMState`, a stateful callback that the Trainer saves in ``trainer_state.json`` with
+every checkpoint, whatever the backend (DDP, FSDP, DeepSpeed).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from .probe import FlatnessProbe
+
+# The automatic row budget aims the penalty at this share of a training step's compute.
+AUTO_ROWS_COST_SHARE = 0.05
+# Never estimate the penalty from fewer rows than this: below it the estimate's variance grows quickly.
+AUTO_ROWS_MINIMUM = 32
+
+
+class FAMState(TrainerCallback, ExportableState):
+    """What a checkpoint must carry for FAM: the resolved ``fam_lambda`` and the settings it was resolved under.
+
+    The Trainer saves every ``ExportableState`` callback in ``trainer_state.json``; a resumed run reads it back
+    from the restored ``TrainerState`` (see :meth:`saved`), so a calibrated lambda is never recalibrated on a
+    later batch.
+    """
+
+    def __init__(self, fam_lambda: float | None = None, settings: dict[str, Any] | None = None) -> None:
+        self.fam_lambda = fam_lambda
+        self.settings = dict(settings or {})
+
+    def state(self) -> dict[str, Any]:
+        return {"args": {"fam_lambda": self.fam_lambda, "settings": self.settings}, "attributes": {}}
+
+    @classmethod
+    def saved(cls, trainer_state: Any) -> FAMState | None:
+        """Return the FAM state stored in a ``TrainerState`` (as restored from a checkpoint), or ``None``."""
+        stored = (getattr(trainer_state, "stateful_callbacks", None) or {}).get(cls.__name__)
+        if isinstance(stored, list):
+            stored = stored[0] if stored else None
+        if isinstance(stored, ExportableState):
+            return stored
+        if not isinstance(stored, dict):
+            return None
+        return cls(**stored.get("args", {}))
+
+
+class FAMRunStarter(TrainerCallback):
+    """Tells its trainer when a training run begins and ends, so FAM's run state follows the Trainer's."""
+
+    def __init__(self, trainer: Any) -> None:
+        self._trainer = weakref.ref(trainer)
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        trainer = self._trainer()
+        if trainer is not None:
+            trainer._fam_begin_run()
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        trainer = self._trainer()
+        if trainer is not None:
+            trainer._fam_end_run()
+
+
+@dataclass
+class FAMRun:
+    """One training run's FAM state: the probe on that run's model, the lambda in use, the logging window.
+
+    ``uses_num_items`` records whether the model's own loss divides by ``num_items_in_batch`` (decided once, on the
+    first batch that passes it); ``trainer_factor`` is the factor the Trainer last applied to the loss after the
+    model returned it (the number of processes when it averages tokens across devices).
+    """
+
+    probe: FlatnessProbe
+    fam_lambda: float | None
+    window_start: int
+    uses_num_items: bool | None = None
+    trainer_factor: torch.Tensor | float = 1.0
+    raw_loss: list[torch.Tensor] = field(default_factory=list)
+    pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    window: dict[str, torch.Tensor] = field(default_factory=dict)
+    hooks: list[Any] = field(default_factory=list)
+    wrapped: dict[str, Any] = field(default_factory=dict)
+
+    def close(self) -> None:
+        """Remove the run's hooks from the model."""
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks.clear()
+        self.probe.remove()
+
+    def add_to_window(self, **values: torch.Tensor) -> None:
+        for key, value in values.items():
+            value = value.detach()
+            value = value if value.dtype == torch.float64 else value.float()
+            self.window[key] = self.window[key] + value if key in self.window else value
+
+
+class LossRecorder:
+    """Wraps a loss callable (``compute_loss_func``, a label smoother) and keeps the value it last returned.
+
+    The Trainer multiplies that value in place afterwards when it averages tokens across devices; the recorded
+    copy is what the loss was before, so the factor the Trainer applied is read off instead of re-derived.
+    """
+
+    def __init__(self, loss_fn: Any, record: list[torch.Tensor]) -> None:
+        self.loss_fn = loss_fn
+        self._record = record
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        value = self.loss_fn(*args, **kwargs)
+        if isinstance(value, torch.Tensor):
+            self._record.append(value.detach().clone())
+        return value
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loss_fn, name)
+
+
+def record_model_loss(record: list[torch.Tensor]):
+    """Return a forward hook that keeps a copy of the loss a model returns, before the Trainer rescales it."""
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if isinstance(loss, torch.Tensor):
+            record.append(loss.detach().clone())
+
+    return hook
+
+
+def auto_max_rows(model: nn.Module, head_weight_shape: tuple[int, int]) -> AutoRows | None:
+    """Return the automatic row budget for a model's head, or ``None`` when every row is cheap enough.
+
+    A training step costs about ``6 P`` operations per row (forward and backward through ``P`` parameters); the
+    exact penalty costs about four head-sized products, ``8 m d`` per row for an ``m x d`` head. Estimating it from
+    a fraction ``f`` of the rows keeps it near :data:`AUTO_ROWS_COST_SHARE` of the step when
+    ``f * 8 m d = share * 6 P``. A classifier's head is tiny against ``P``, so ``f >= 1`` and the penalty stays
+    exact; a language model's head is a large part of ``P``, so the penalty is estimated without bias from a
+    sample of the batch's rows that grows with the batch.
+    """
+    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    width, dim = head_weight_shape
+    fraction = AUTO_ROWS_COST_SHARE * 6 * parameters / (8 * width * dim)
+    return None if fraction >= 1 else AutoRows(fraction)
+
+
+@dataclass(frozen=True)
+class AutoRows:
+    """A row budget that follows the batch: ``fraction`` of its counted rows, at least :data:`AUTO_ROWS_MINIMUM`."""
+
+    fraction: float
+
+    def __call__(self, counted: int) -> int:
+        return max(AUTO_ROWS_MINIMUM, math.ceil(self.fraction * counted))

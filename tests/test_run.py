@@ -1,0 +1,264 @@
+"""FAM's run state follows the Trainer: model_init, search trials, resumed runs, a frozen head, the row budget."""
+
+import logging
+
+import pytest
+import torch
+from tiny_models import (
+    as_dataset,
+    assert_updates_close,
+    batch_for,
+    build,
+    collator,
+    expected_update,
+    sgd_args,
+    snapshot,
+    updates,
+)
+from transformers import TrainerCallback
+
+from fam_hf import FAMTrainer, FAMTrainingArguments
+from fam_hf.run import AUTO_ROWS_MINIMUM, AutoRows, FAMState, auto_max_rows
+
+
+def test_model_init_trains_the_model_it_builds_with_the_exact_penalty(tmp_path):
+    """The Trainer builds a new model in train(); the probe must watch that one, not the one from __init__."""
+    batch = batch_for(build("bert", "sequence"))
+    expected = expected_update(build("bert", "sequence"), batch, fam_lambda=2.0, gradient="head")
+    trainer = FAMTrainer(
+        model_init=lambda: build("bert", "sequence"),
+        args=sgd_args(tmp_path, batch_size=8, fam_lambda=2.0),
+        train_dataset=as_dataset(batch),
+        data_collator=collator(torch.float64),
+    )
+    constructed = trainer.model
+    before = snapshot(build("bert", "sequence"))
+    trainer.train()
+    assert trainer.model is not constructed
+    assert_updates_close(updates(before, trainer.model), expected)
+
+
+class _LogRecorder(TrainerCallback):
+    """Keeps (fam_share, fam_lambda, relative_flatness, task_loss) of each trial's first training log."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "fam_lambda" in logs and state.global_step == 1:
+            self.seen.append((args.fam_share, logs["fam_lambda"], logs["relative_flatness"], logs["task_loss"]))
+
+
+def test_search_trials_each_calibrate_their_own_lambda(tmp_path):
+    """Two optuna trials with different fam_share: each run resolves lambda from its own share, in proportion."""
+    pytest.importorskip("optuna")
+    batch = batch_for(build("bert", "sequence"))
+    recorder = _LogRecorder()
+    args = sgd_args(tmp_path, batch_size=8, fam_share=0.01)
+    args.max_steps = 2
+    trainer = FAMTrainer(
+        model_init=lambda trial=None: build("bert", "sequence"),
+        args=args,
+        train_dataset=as_dataset(batch),
+        eval_dataset=as_dataset(batch),
+        data_collator=collator(torch.float64),
+        callbacks=[recorder],
+    )
+    import optuna
+
+    trainer.hyperparameter_search(
+        hp_space=lambda trial: {"fam_share": trial.suggest_categorical("fam_share", [0.01, 0.04])},
+        backend="optuna",
+        n_trials=2,
+        direction="minimize",
+        sampler=optuna.samplers.GridSampler({"fam_share": [0.01, 0.04]}),
+    )
+    recorder.seen.sort()
+    assert [share for share, *_ in recorder.seen] == [0.01, 0.04]
+    (_, lambda_1, flatness_1, task_1), (_, lambda_4, flatness_4, task_4) = recorder.seen
+    assert (flatness_4, task_4) == pytest.approx((flatness_1, task_1), rel=1e-12)  # same model, same first batch
+    assert lambda_4 == pytest.approx(4 * lambda_1, rel=1e-9)
+    assert lambda_1 * flatness_1 == pytest.approx(0.01 * task_1, rel=1e-6)  # calibrated in float32
+
+
+def _resumable_args(tmp_path, **extra):
+    return FAMTrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=6,
+        logging_steps=2,
+        save_steps=4,
+        learning_rate=0.05,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        seed=7,
+        fam_share=0.05,
+        **extra,
+    )
+
+
+def _fam_logs(trainer):
+    keys = ("loss", "task_loss", "relative_flatness", "fam_lambda")
+    return {e["step"]: tuple(e[k] for k in keys) for e in trainer.state.log_history if "task_loss" in e}
+
+
+def test_resumed_run_logs_what_the_uninterrupted_run_logs(tmp_path):
+    """Resume from checkpoint-4 with logging every 2 steps: step 6's logs equal the uninterrupted run's."""
+    data = as_dataset(batch_for(build("bert", "sequence"), size=12))
+
+    def trainer(folder):
+        return FAMTrainer(
+            model=build("bert", "sequence"),
+            args=_resumable_args(folder),
+            train_dataset=data,
+            data_collator=collator(torch.float64),
+        )
+
+    whole = trainer(tmp_path / "whole")
+    whole.train()
+    resumed = trainer(tmp_path / "whole")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-4"))
+    expected, actual = _fam_logs(whole), _fam_logs(resumed)
+    assert set(expected) == set(actual) == {2, 4, 6}  # the resumed history starts with the checkpoint's 2 and 4
+    assert actual[6] == pytest.approx(expected[6], rel=1e-9)
+    assert resumed.fam_lambda == whole.fam_lambda  # restored from the checkpoint, not recalibrated at step 5
+
+
+def test_checkpoint_state_carries_the_resolved_lambda_in_the_trainer_state(tmp_path):
+    import json
+
+    data = as_dataset(batch_for(build("bert", "sequence"), size=12))
+    first = FAMTrainer(
+        model=build("bert", "sequence"), args=_resumable_args(tmp_path), train_dataset=data,
+        data_collator=collator(torch.float64),
+    )
+    first.train()
+    state = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
+    saved = state["stateful_callbacks"]["FAMState"]["args"]
+    assert saved["fam_lambda"] == first.fam_lambda > 0
+    assert saved["settings"]["fam_share"] == 0.05
+
+
+def test_resume_with_a_changed_share_recalibrates_and_says_so(tmp_path, caplog):
+    data = as_dataset(batch_for(build("bert", "sequence"), size=12))
+    first = FAMTrainer(
+        model=build("bert", "sequence"), args=_resumable_args(tmp_path), train_dataset=data,
+        data_collator=collator(torch.float64),
+    )
+    first.train()
+    args = _resumable_args(tmp_path)
+    args.fam_share = 0.1
+    changed = FAMTrainer(
+        model=build("bert", "sequence"), args=args, train_dataset=data, data_collator=collator(torch.float64)
+    )
+    with caplog.at_level(logging.WARNING, logger="fam_hf.trainer"):
+        changed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert "differ from the checkpoint" in caplog.text and "fam_share" in caplog.text
+    assert changed.fam_lambda != first.fam_lambda
+
+
+def test_frozen_head_is_refused_with_the_ways_out(tmp_path):
+    model = build("bert", "sequence")
+    model.classifier.requires_grad_(False)
+    batch = batch_for(model)
+    for mode in ("head", "weights"):
+        trainer = FAMTrainer(
+            model=model,
+            args=sgd_args(tmp_path, fam_lambda=1.0, fam_gradient=mode),
+            train_dataset=as_dataset(batch),
+            data_collator=collator(model.dtype),
+        )
+        with pytest.raises(ValueError, match="FAM cannot act.*fam_gradient='full'.*modules_to_save.*fam_lambda=0"):
+            trainer.train()
+
+
+def test_frozen_head_still_trains_the_backbone_in_full_mode_and_measures_at_lambda_zero(tmp_path):
+    model = build("bert", "sequence")
+    model.classifier.requires_grad_(False)
+    batch = batch_for(model)
+    expected = expected_update(model, batch, fam_lambda=2.0, gradient="full")
+    actual, _ = _train(model, batch, tmp_path, fam_lambda=2.0, fam_gradient="full")
+    assert_updates_close(actual, expected)
+    _, trainer = _train(build("bert", "sequence").requires_grad_(True), batch, tmp_path, fam_lambda=0.0)
+    assert next(e for e in trainer.state.log_history if "loss" in e)["relative_flatness"] > 0
+
+
+def test_lora_on_the_backbone_only_is_refused_and_lora_on_the_head_acts(tmp_path):
+    peft = pytest.importorskip("peft")
+    batch = batch_for(build("bert", "sequence"))
+    backbone_only = peft.get_peft_model(
+        build("bert", "sequence"), peft.LoraConfig(r=2, target_modules=["query", "value"])
+    )
+    trainer = FAMTrainer(
+        model=backbone_only,
+        args=sgd_args(tmp_path, fam_share=0.01),
+        train_dataset=as_dataset(batch),
+        data_collator=collator(torch.float64),
+    )
+    with pytest.raises(ValueError, match="FAM cannot act"):
+        trainer.train()
+    with_head = peft.get_peft_model(
+        build("bert", "sequence"), peft.LoraConfig(r=2, target_modules=["query", "value", "classifier"])
+    )
+    expected = expected_update(with_head, batch, fam_lambda=2.0, gradient="head")
+    actual, _ = _train(with_head, batch, tmp_path, fam_lambda=2.0)
+    assert_updates_close(actual, expected)
+
+
+def _train(model, batch, tmp_path, **fam):
+    before = snapshot(model)
+    trainer = FAMTrainer(
+        model=model,
+        args=sgd_args(tmp_path, **fam),
+        train_dataset=as_dataset(batch),
+        data_collator=collator(model.dtype),
+    )
+    trainer.train()
+    return updates(before, model), trainer
+
+
+def test_auto_rows_keep_classifiers_exact_and_sample_a_wide_head():
+    classifier = build("bert", "sequence")
+    assert auto_max_rows(classifier, tuple(classifier.classifier.weight.shape)) is None
+    lm = build("llama", "causal_lm")
+    budget = auto_max_rows(lm, tuple(lm.lm_head.weight.shape))
+    assert isinstance(budget, AutoRows) and 0 < budget.fraction < 1
+    assert budget(10) == AUTO_ROWS_MINIMUM  # small batches: the minimum, so every row of them
+    assert budget(100_000) == pytest.approx(budget.fraction * 100_000, abs=1)  # the budget follows the batch
+
+
+def test_auto_rows_budget_for_a_large_vocabulary_lm_shape():
+    """SmolLM2-135M's shape (576 x 49152 tied head, 30 layers): about a fifth of the rows, at least 32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    budget = auto_max_rows(model, (49152, 576))
+    assert 0.1 < budget.fraction < 0.3
+    assert budget(512) < 512 / 3
+
+
+def test_max_rows_parses_from_the_command_line():
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(FAMTrainingArguments)
+    for given, parsed in (("auto", "auto"), ("64", 64), ("all", None)):
+        (args,) = parser.parse_args_into_dataclasses(["--output_dir", "x", "--use_cpu", "--fam_max_rows", given])
+        assert args.fam_max_rows == parsed
+    assert FAMTrainingArguments(output_dir="x", use_cpu=True).fam_max_rows == "auto"
+    with pytest.raises(ValueError, match="fam_max_rows must be"):
+        FAMTrainingArguments(output_dir="x", use_cpu=True, fam_max_rows=0)
+
+
+def test_fam_state_reads_back_from_a_trainer_state_json(tmp_path):
+    from transformers import TrainerState
+
+    state = TrainerState(stateful_callbacks=[FAMState(0.25, {"fam_share": 0.01})])
+    state.save_to_json(tmp_path / "state.json")
+    loaded = FAMState.saved(TrainerState.load_from_json(tmp_path / "state.json"))
+    assert (loaded.fam_lambda, loaded.settings) == (0.25, {"fam_share": 0.01})
