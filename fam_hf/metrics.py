@@ -4,6 +4,11 @@
 recipes must not crash then, so each metric they report has an equivalent here (plain numpy, no scikit-learn),
 used with one warning whenever ``evaluate`` cannot load or run it.
 
+``evaluate`` has its own offline switch, ``HF_EVALUATE_OFFLINE``, and ignores the Hub's: with only ``HF_HUB_OFFLINE=1``
+(or ``TRANSFORMERS_OFFLINE`` / ``HF_DATASETS_OFFLINE``) set it still sends requests, and waits between retries,
+before it gives up. Any of those variables therefore puts ``evaluate`` offline here too: it loads a metric from its
+local cache, or fails at once and the metric falls back.
+
 Example:
     ```python
     from fam_hf.metrics import ClassificationMetrics
@@ -14,9 +19,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -86,6 +93,9 @@ REGRESSION = ("pearsonr", "spearmanr")
 
 _LOADED: dict[str, Any] = {}  # metric name -> evaluate module, or None where evaluate could not load it
 _WARNED = False
+# Any of these set to a true value means "do not reach the Hub"; evaluate itself reads only the last one.
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE")
+_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 def compute_metric(name: str, predictions: ArrayLike, references: ArrayLike, **kwargs: Any) -> float:
@@ -148,11 +158,31 @@ def _load(name: str) -> Any:
         try:
             import evaluate
 
-            _LOADED[name] = evaluate.load(name)
+            with _offline_if_asked(evaluate):
+                _LOADED[name] = evaluate.load(name)
         except Exception as error:  # noqa: BLE001 - offline, missing package, hub error: all mean "use ours"
             _LOADED[name] = None
             _warn_fallback(name, error)
     return _LOADED[name]
+
+
+def hub_offline() -> bool:
+    """Whether the environment asks the Hugging Face libraries not to reach the Hub (see :data:`OFFLINE_VARIABLES`)."""
+    return any(os.environ.get(variable, "").strip().upper() in _TRUE for variable in OFFLINE_VARIABLES)
+
+
+@contextlib.contextmanager
+def _offline_if_asked(evaluate: Any) -> Iterator[None]:
+    """Within the block, hold ``evaluate`` offline where :func:`hub_offline` says so (it reads its flag per call)."""
+    config = getattr(evaluate, "config", None)
+    if not hub_offline() or not hasattr(config, "HF_EVALUATE_OFFLINE"):
+        yield
+        return
+    saved, config.HF_EVALUATE_OFFLINE = config.HF_EVALUATE_OFFLINE, True
+    try:
+        yield
+    finally:
+        config.HF_EVALUATE_OFFLINE = saved
 
 
 def _warn_fallback(name: str, error: BaseException) -> None:

@@ -1,16 +1,103 @@
-"""Fixtures for the recipe and CLI smoke tests: tiny models saved from configs, and tiny labelled data on disk.
+"""The test session's environment, and fixtures for the recipe and CLI smoke tests.
 
-Everything is built here, offline, in seconds: word-level tokenizers over a 30-word vocabulary, one-layer models
-of width 16, and a few dozen generated examples whose label is readable from their words.
+The session runs offline, with every Hugging Face cache in a temporary folder (see :func:`pytest_configure`), and
+child processes inherit both (they are started through ``launch.py``).
+
+The fixtures are tiny models saved from configs, and tiny labelled data on disk. Everything is built here, offline,
+in seconds: word-level tokenizers over a 30-word vocabulary, one-layer models of width 16, and a few dozen generated
+examples whose label is readable from their words.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1"}
+# Caches that would otherwise take a user's setting instead of following HF_HOME.
+CACHE_VARIABLES = (
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "HF_ASSETS_CACHE",
+    "HUGGINGFACE_ASSETS_CACHE",
+    "HF_XET_CACHE",
+    "HF_MODULES_CACHE",
+    "TRANSFORMERS_CACHE",
+    "PYTORCH_TRANSFORMERS_CACHE",
+    "PYTORCH_PRETRAINED_BERT_CACHE",
+    "HF_DATASETS_DOWNLOADED_DATASETS_PATH",
+    "HF_DATASETS_EXTRACTED_DATASETS_PATH",
+    "HF_EVALUATE_CACHE",
+    "HF_METRICS_CACHE",
+)
+_SAVED_ENV: dict[str, str | None] = {}
+_HF_HOME: list[Path] = []
+
+
+def pytest_configure(config) -> None:
+    """Put the session offline and its Hugging Face caches in a fresh temporary folder; children inherit both.
+
+    This runs before the test modules are collected, as it must: huggingface_hub, datasets and transformers read
+    these variables once, when they are imported, and collecting the tests imports them (a session fixture, even
+    autouse, would come too late for this process). The folder is removed, and the variables restored, at the end.
+    """
+    hf_home = Path(tempfile.mkdtemp(prefix="fam_hf-tests-hf_home-"))
+    _HF_HOME.append(hf_home)
+    settings: dict[str, str | None] = {
+        **OFFLINE,
+        "HF_HOME": str(hf_home),
+        "HF_DATASETS_CACHE": str(hf_home / "datasets"),
+        **{name: None for name in CACHE_VARIABLES},
+    }
+    for name, value in settings.items():
+        _SAVED_ENV.setdefault(name, os.environ.get(name))
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def pytest_unconfigure(config) -> None:
+    """Restore the variables :func:`pytest_configure` set and remove the temporary caches."""
+    for name, value in _SAVED_ENV.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    _SAVED_ENV.clear()
+    while _HF_HOME:
+        shutil.rmtree(_HF_HOME.pop(), ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def hf_home() -> Path:
+    """The session's ``HF_HOME``: a temporary folder holding every Hugging Face cache of the tests."""
+    return _HF_HOME[-1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_hub(hf_home) -> None:
+    """Fail the session, rather than reach the Hub or write to ``~/.cache``, if a library read its settings too early.
+
+    (Something imported before this conftest, a plugin say, could have imported huggingface_hub or datasets.)
+    """
+    import datasets.config
+    import huggingface_hub.constants
+
+    for name, value in OFFLINE.items():
+        assert os.environ.get(name) == value, f"{name} was changed during the session"
+    too_early = "was imported before tests/conftest.py put the session offline"
+    assert huggingface_hub.constants.HF_HUB_OFFLINE, f"huggingface_hub {too_early}"
+    assert datasets.config.HF_HUB_OFFLINE, f"datasets {too_early}"
+    for cache in (huggingface_hub.constants.HF_HUB_CACHE, datasets.config.HF_DATASETS_CACHE):
+        assert Path(cache).resolve().is_relative_to(hf_home.resolve()), f"a cache outside {hf_home}: {cache}"
+
 
 TOPICS = {
     "sport": "match goal team win player score",

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 import types
 import warnings
@@ -18,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from launch import free_port, needs_torch_distributed, run, torchrun
 
 from fam_hf import metrics
 
@@ -117,6 +116,39 @@ def test_metrics_fall_back_with_one_warning_when_evaluate_cannot_load(fake_evalu
     assert first["matthews_correlation"] == pytest.approx(metrics.matthews_correlation(logits.argmax(-1), labels))
 
 
+def test_metrics_fall_back_with_one_warning_when_evaluate_is_not_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "evaluate", None)  # import evaluate raises ImportError
+    monkeypatch.setattr(metrics, "_LOADED", {})
+    monkeypatch.setattr(metrics, "_WARNED", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = metrics.RegressionMetrics()((np.array([0.1, 0.5, 0.3]), np.array([0.2, 0.4, 0.1])))
+    assert len([w for w in caught if "fam_hf.metrics" in str(w.message)]) == 1
+    assert result["pearsonr"] == pytest.approx(metrics.pearsonr([0.1, 0.5, 0.3], [0.2, 0.4, 0.1]))
+
+
+def test_evaluate_is_held_offline_while_it_loads_when_the_hub_is_offline(fake_evaluate, monkeypatch):
+    # evaluate reads only HF_EVALUATE_OFFLINE; HF_HUB_OFFLINE (set for the whole test session) must hold it too
+    monkeypatch.delenv("HF_EVALUATE_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fake_evaluate.config = types.SimpleNamespace(HF_EVALUATE_OFFLINE=False)
+    seen = []
+
+    def load(name):
+        seen.append(fake_evaluate.config.HF_EVALUATE_OFFLINE)
+        raise FileNotFoundError(f"Couldn't find a module script for {name}")
+
+    fake_evaluate.load = load
+    with pytest.warns(UserWarning, match="fam_hf.metrics"):
+        assert metrics.compute_metric("accuracy", [1, 0], [1, 1]) == 0.5
+    assert seen == [True] and fake_evaluate.config.HF_EVALUATE_OFFLINE is False  # restored after the load
+    for name in metrics.OFFLINE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert not metrics.hub_offline()
+    with metrics._offline_if_asked(fake_evaluate):
+        assert fake_evaluate.config.HF_EVALUATE_OFFLINE is False
+
+
 def test_metrics_come_from_evaluate_when_it_loads(fake_evaluate):
     calls = []
 
@@ -208,7 +240,7 @@ def test_shipped_yaml_configs_parse_into_the_recipe_arguments(name):
     )
     values = yaml.safe_load(config.read_text())
     assert training_args.fam_share == values["fam_share"] and training_args.fam_gradient == values["fam_gradient"]
-    assert training_args.fam_max_rows == values.get("fam_max_rows")
+    assert training_args.fam_max_rows == values.get("fam_max_rows", "auto")
     assert model_args.model_name_or_path == values["model_name_or_path"]
     # flags after the file override it
     _, _, overridden = recipe.parse_arguments(
@@ -311,26 +343,17 @@ def test_causal_lm_labels_every_real_token_even_when_eos_is_the_pad_token(llama_
 # ---- distributed: torchrun and accelerate launch ------------------------------------------------------------------
 
 
-def run_distributed(command: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        command, cwd=RECIPES.parent, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=240
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+def run_distributed(command: list[str], env: dict | None = None):
+    """Run a distributed recipe command from the repository root, as a user would (see ``launch.py``)."""
+    return run(command, cwd=RECIPES.parent, env=env, timeout=240)
 
 
+@needs_torch_distributed
 def test_text_classification_under_torchrun_with_two_processes(llama_classifier, text_csv, tmp_path):
     output = tmp_path / "run"
     run_distributed(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29561",
-            str(RECIPES / "text_classification.py"),
+        torchrun(
+            RECIPES / "text_classification.py",
             "--model_name_or_path",
             str(llama_classifier),
             "--train_file",
@@ -346,7 +369,7 @@ def test_text_classification_under_torchrun_with_two_processes(llama_classifier,
             "--ddp_backend",
             "gloo",
             *FAST,
-        ]
+        )
     )
     # 48 examples, 4 per process, 2 processes: 6 steps in the epoch (one process would take 12)
     evaluation = json.loads((output / "eval_results.json").read_text())
@@ -355,6 +378,7 @@ def test_text_classification_under_torchrun_with_two_processes(llama_classifier,
     assert evaluation["eval_loss"] == pytest.approx(np.log(3), abs=0.2)
 
 
+@needs_torch_distributed
 def test_causal_lm_under_accelerate_launch_with_the_multi_gpu_config_on_cpu(llama_lm, chat_jsonl, tmp_path):
     pytest.importorskip("peft")
     output = tmp_path / "run"
@@ -368,7 +392,7 @@ def test_causal_lm_under_accelerate_launch_with_the_multi_gpu_config_on_cpu(llam
             "--num_processes",
             "2",
             "--main_process_port",
-            "29562",
+            str(free_port()),
             str(RECIPES / "causal_lm.py"),
             "--model_name_or_path",
             str(llama_lm),

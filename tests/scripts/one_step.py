@@ -15,9 +15,18 @@ from tiny_models import as_dataset, batch_for, build, collator, sgd_args
 from fam_hf import FAMTrainer
 
 CASES = {
-    "causal_lm": ("llama", "causal_lm", None),
+    "causal_lm": ("llama", "causal_lm", None),  # one example has an extra -100: ranks count 15 and 16 tokens
+    "causal_lm_equal": ("llama", "causal_lm", None),  # every example counts 4 tokens: 16 on each rank
     "classifier": ("bert", "sequence", False),
 }
+
+
+def case_batch(case: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The global batch of 8 examples each case trains on (the test checks its token counts)."""
+    batch = batch_for(model, size=8)
+    if case == "causal_lm_equal":
+        batch["labels"][0, 3] = batch["input_ids"][0, 3]
+    return batch
 
 
 def main() -> None:
@@ -43,7 +52,7 @@ def main() -> None:
         model = build(model_type, task, dtype=torch.float32 if args.deepspeed or args.fsdp else torch.float64)
         if accepts_loss_kwargs is not None:
             model.accepts_loss_kwargs = accepts_loss_kwargs
-        batch = batch_for(model, size=8)
+        batch = case_batch(case, model)
         with tempfile.TemporaryDirectory() as tmp:
             trainer = FAMTrainer(
                 model=model,
