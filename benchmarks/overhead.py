@@ -42,7 +42,6 @@ from benchmarks.common import (
     setup_torch,
     write_json,
 )  # noqa: E402
-from benchmarks.sam import SAMTrainer  # noqa: E402
 
 # "fam": FAMTrainer at the library's defaults (head mode, fam_max_rows="auto": exact for classifiers, a row sample
 # for a language model's head). "fam-<mode>": the exact penalty (every row) in that gradient mode.
@@ -303,9 +302,10 @@ def make_trainer(arm: str, model: torch.nn.Module, data: TensorDictDataset, time
         fam = {"fam_gradient": arm[4:], "fam_max_rows": None} if arm.startswith("fam-") else {}
         args = quiet_args(FAMTrainingArguments, workdir, fam_lambda=FAM_LAMBDA, **fam, **common)
         return FAMTrainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+    if arm == "sam":  # SAM alone: FAMTrainer with the penalty off
+        args = quiet_args(FAMTrainingArguments, workdir, fam_lambda=0.0, sam_rho=0.05, **common)
+        return FAMTrainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
     args = quiet_args(TrainingArguments, workdir, **common)
-    if arm == "sam":
-        return SAMTrainer(model=model, args=args, train_dataset=data, callbacks=callbacks, sam_rho=0.05)
     if arm == "hessian":
         return make_hessian_trainer_class()(model=model, args=args, train_dataset=data, callbacks=callbacks)
     return Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)

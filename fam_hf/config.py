@@ -8,7 +8,16 @@ from transformers import TrainingArguments
 
 from .flatness import GRADIENT_MODES
 
-FAM_FIELDS = ("fam_lambda", "fam_share", "fam_layer", "fam_normalize", "fam_gradient", "fam_loss", "fam_max_rows")
+FAM_FIELDS = (
+    "fam_lambda",
+    "fam_share",
+    "fam_layer",
+    "fam_normalize",
+    "fam_gradient",
+    "fam_loss",
+    "fam_max_rows",
+    "sam_rho",
+)
 
 
 @dataclass
@@ -50,6 +59,14 @@ class FAMTrainingArguments(TrainingArguments):
             the penalty costs about 5% of a step (at least 32 rows; the share follows the batch). An `int` is a
             fixed number of rows per batch; `None` (or `"all"` on the command line) always uses every row, the exact
             penalty. Evaluation always uses every row.
+
+    Sharpness-aware minimization, to compare FAM with or to combine it with:
+
+        sam_rho (`float`, *optional*, defaults to `0.0`):
+            SAM's neighbourhood radius (Foret et al., 2021; 0.05 is the usual value). `> 0` makes every optimizer
+            step a SAM step: a first pass for the gradient, a second at the weights moved `rho` along it, and the
+            step with the second gradient, at about twice the cost. With FAM on, the penalty is in both passes.
+            `0` switches it off.
 
     Parameters that control what the penalty trains:
 
@@ -101,6 +118,14 @@ class FAMTrainingArguments(TrainingArguments):
         },
     )
 
+    sam_rho: float = field(
+        default=0.0,
+        metadata={
+            "help": "SAM's neighbourhood radius: > 0 makes every step a SAM step (two passes, the penalty in both); "
+            "0 is off."
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_fam_settings()
@@ -116,6 +141,8 @@ class FAMTrainingArguments(TrainingArguments):
         if not self.fam_share > 0:
             raise ValueError(f"fam_share must be > 0; got {self.fam_share}. Use fam_lambda=0 to switch FAM off.")
         self.fam_max_rows = _parse_max_rows(self.fam_max_rows)
+        if not self.sam_rho >= 0:
+            raise ValueError(f"sam_rho must be >= 0 (0 switches SAM off); got {self.sam_rho}.")
         if self.fam_gradient not in GRADIENT_MODES:
             raise ValueError(f"fam_gradient must be one of {GRADIENT_MODES}; got {self.fam_gradient!r}.")
         if self.fam_loss not in ("auto", "cross_entropy", "mse", "bce"):

@@ -19,6 +19,7 @@ from trl import SFTConfig, SFTTrainer
 from .config import FAMTrainingArguments
 from .probe import BatchFlatness
 from .run import FAMRun
+from .sam import SAMMixin
 from .trainer import FAMMixin
 
 
@@ -27,7 +28,7 @@ class FAMSFTConfig(SFTConfig, FAMTrainingArguments):
     """TRL's ``SFTConfig`` with the ``fam_*`` settings of :class:`fam_hf.FAMTrainingArguments`."""
 
 
-class FAMSFTTrainer(FAMMixin, SFTTrainer):
+class FAMSFTTrainer(FAMMixin, SAMMixin, SFTTrainer):
     """TRL's ``SFTTrainer`` training on ``sft_loss + fam_lambda * relative_flatness(lm_head)``.
 
     Example:

@@ -22,6 +22,7 @@ from .config import FAMTrainingArguments
 from .head import _active_module, linear_weight
 from .probe import BatchFlatness, FlatnessProbe
 from .run import FAMRun, FAMRunStarter, FAMState, LossRecorder, auto_max_rows, record_model_loss
+from .sam import SAMMixin
 
 logger = logging.getLogger(__name__)
 
@@ -189,13 +190,16 @@ class FAMMixin:
         task_loss = loss.detach()
         if run.fam_lambda != 0:
             loss = loss + run.fam_lambda * penalty
-        run.pending = (loss.detach(), task_loss, penalty.detach())
+        if run.pending is None:  # the first pass of a step; a SAM second pass is not what the Trainer logs
+            run.pending = (loss.detach(), task_loss, penalty.detach())
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
         """The Trainer's step; FAM's parts of the loss join the logging window in the units of the logged loss."""
-        step_loss = super().training_step(model, inputs, *args, **kwargs)
         run = self._fam_run
+        if run is not None:
+            run.pending = None
+        step_loss = super().training_step(model, inputs, *args, **kwargs)
         if run is not None and run.pending is not None:
             total, task_loss, penalty = run.pending
             run.pending = None
@@ -373,8 +377,11 @@ class FAMMixin:
                 json.dump(settings, handle, indent=2)
 
 
-class FAMTrainer(FAMMixin, Trainer):
+class FAMTrainer(FAMMixin, SAMMixin, Trainer):
     """A drop-in ``transformers.Trainer`` that trains on ``task_loss + fam_lambda * relative_flatness(head)``.
+
+    With ``sam_rho > 0`` every step is a SAM step (:mod:`fam_hf.sam`), with the penalty in both of its passes;
+    ``fam_lambda=0, sam_rho=0`` is the plain Trainer, bit for bit.
 
     Example:
         ```python

@@ -1,4 +1,4 @@
-"""The benchmark scripts run end to end (tiny ``--smoke`` settings) and SAMTrainer takes exact SAM steps.
+"""The benchmark scripts run end to end (tiny ``--smoke`` settings) on data generated in code.
 
 The smoke runs use data generated in code: each subprocess gets FASHION_MNIST_DIR pointing at a folder that does not
 exist, so a smoke path that read the real Fashion-MNIST would fail here, not only on a machine without the package.
@@ -15,15 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-from transformers import TrainingArguments
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import benchmarks.common as common  # noqa: E402
-from benchmarks.common import TensorDictDataset  # noqa: E402
-from benchmarks.sam import SAMTrainer  # noqa: E402
 
 RHO = 0.05
 LR = 0.1
@@ -116,87 +112,3 @@ def test_merged_run_logs_count_each_task_arm_seed_once():
     assert [(r["arm"], r["seed"], r["acc"]) for r in merged] == [("baseline", 0, 0.5), ("a", 0, 0.7), ("a", 1, 0.1)]
     diff = paired_differences(merged, "t", "acc")["a"]
     assert diff["seeds"] == 1 and diff["mean"] == pytest.approx(0.2)
-
-
-class _TinyRegressor(nn.Module):
-    """Linear - tanh - linear with an MSE loss: no dropout, so both SAM passes are deterministic."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.hidden = nn.Linear(3, 4)
-        self.out = nn.Linear(4, 1)
-
-    def forward(self, x, labels=None):
-        prediction = self.out(torch.tanh(self.hidden(x))).squeeze(-1)
-        loss = None if labels is None else nn.functional.mse_loss(prediction, labels)
-        return {"loss": loss, "logits": prediction}
-
-
-def _data() -> TensorDictDataset:
-    generator = torch.Generator().manual_seed(1)
-    return TensorDictDataset(x=torch.randn(4, 3, generator=generator), labels=torch.randn(4, generator=generator))
-
-
-def _hand_sam_step(model: nn.Module, data: TensorDictDataset) -> dict[str, torch.Tensor]:
-    """Return the parameters after one SAM step with plain SGD on the whole batch, computed by hand."""
-    params = dict(model.named_parameters())
-    names = list(params)
-
-    def batch_loss(values):
-        out = torch.func.functional_call(
-            model, dict(zip(names, values)), (data.columns["x"],), {"labels": data.columns["labels"]}
-        )
-        return out["loss"]
-
-    weights = [p.detach().clone() for p in params.values()]
-    grads = torch.autograd.grad(batch_loss([w.requires_grad_(True) for w in weights]), weights)
-    norm = torch.sqrt(sum((g**2).sum() for g in grads))
-    perturbed = [(w + RHO * g / norm).detach().requires_grad_(True) for w, g in zip(weights, grads)]
-    sharp_grads = torch.autograd.grad(batch_loss(perturbed), perturbed)
-    return {n: (w - LR * g).detach() for n, w, g in zip(names, weights, sharp_grads)}
-
-
-def _sam_step(tmp_path, batch: int, accumulation: int, **overrides) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Run one SAMTrainer step with plain SGD; return the model and the hand-computed parameters it should have."""
-    data = _data()
-    expected = _hand_sam_step(_TinyRegressor(), data)
-    model = _TinyRegressor()
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=1,
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accumulation,
-        learning_rate=LR,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        weight_decay=0.0,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        **overrides,
-    )
-    SAMTrainer(model=model, args=args, train_dataset=data, sam_rho=RHO).train()
-    return model, expected
-
-
-@pytest.mark.parametrize("batch, accumulation", [(4, 1), (2, 2), (1, 4)])
-def test_sam_trainer_step_equals_hand_computed_sam_step(tmp_path, batch, accumulation):
-    model, expected = _sam_step(tmp_path, batch, accumulation)
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(param.detach(), expected[name], rtol=1e-5, atol=1e-6, msg=name)
-
-
-def test_sam_trainer_runs_under_bf16_autocast(tmp_path):
-    model, expected = _sam_step(tmp_path, 2, 2, bf16=True)
-    for name, param in model.named_parameters():
-        assert param.dtype == torch.float32
-        torch.testing.assert_close(param.detach(), expected[name], rtol=3e-2, atol=3e-3, msg=name)
-
-
-def test_sam_trainer_rejects_non_positive_rho(tmp_path):
-    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
-    with pytest.raises(ValueError, match="sam_rho"):
-        SAMTrainer(model=_TinyRegressor(), args=args, train_dataset=_data(), sam_rho=0.0)

@@ -130,7 +130,9 @@ def test_checkpoint_state_carries_the_resolved_lambda_in_the_trainer_state(tmp_p
 
     data = as_dataset(batch_for(build("bert", "sequence"), size=12))
     first = FAMTrainer(
-        model=build("bert", "sequence"), args=_resumable_args(tmp_path), train_dataset=data,
+        model=build("bert", "sequence"),
+        args=_resumable_args(tmp_path),
+        train_dataset=data,
         data_collator=collator(torch.float64),
     )
     first.train()
@@ -143,7 +145,9 @@ def test_checkpoint_state_carries_the_resolved_lambda_in_the_trainer_state(tmp_p
 def test_resume_with_a_changed_share_recalibrates_and_says_so(tmp_path, caplog):
     data = as_dataset(batch_for(build("bert", "sequence"), size=12))
     first = FAMTrainer(
-        model=build("bert", "sequence"), args=_resumable_args(tmp_path), train_dataset=data,
+        model=build("bert", "sequence"),
+        args=_resumable_args(tmp_path),
+        train_dataset=data,
         data_collator=collator(torch.float64),
     )
     first.train()
@@ -233,8 +237,14 @@ def test_auto_rows_budget_for_a_large_vocabulary_lm_shape():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
-        "llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+        "llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
     )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)

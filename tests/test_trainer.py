@@ -400,8 +400,11 @@ def _fam_part(fam, plain):
     "loss_setting",
     [
         {"label_smoothing_factor": 0.1},
-        {"compute_loss_func": lambda outputs, labels, num_items_in_batch=None: _summed_lm_loss(outputs, labels)
-         / num_items_in_batch},
+        {
+            "compute_loss_func": lambda outputs, labels, num_items_in_batch=None: (
+                _summed_lm_loss(outputs, labels) / num_items_in_batch
+            )
+        },
     ],
     ids=["label_smoother", "compute_loss_func"],
 )
@@ -418,8 +421,12 @@ def test_trainer_loss_paths_scale_the_penalty_like_the_task_loss_under_accumulat
         trainer = FAMTrainer(
             model=model,
             args=sgd_args(
-                tmp_path, batch_size=split.get("batch_size", 8), accumulation=split.get("accumulation", 1),
-                fam_lambda=fam_lambda, fam_gradient="full", **loss_setting,
+                tmp_path,
+                batch_size=split.get("batch_size", 8),
+                accumulation=split.get("accumulation", 1),
+                fam_lambda=fam_lambda,
+                fam_gradient="full",
+                **loss_setting,
             ),
             train_dataset=as_dataset(batch),
             data_collator=collator(model.dtype),
