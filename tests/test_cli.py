@@ -122,6 +122,13 @@ def test_demo_help_states_the_defaults_it_uses(capsys):
         assert phrase in text
 
 
+def test_measure_offers_no_install_and_gguf_models(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["measure", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--no_install" in text and "print the command instead" in text and ".gguf" in text
+
+
 def test_measure_reports_flatness_loss_and_accuracy_of_a_saved_model(demo_run, text_folder, capsys):
     _, _, output = demo_run
     status = cli.main(
