@@ -10,7 +10,6 @@ every checkpoint, whatever the backend (DDP, FSDP, DeepSpeed).
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,20 +55,20 @@ class FAMState(TrainerCallback, ExportableState):
 
 
 class FAMRunStarter(TrainerCallback):
-    """Tells its trainer when a training run begins and ends, so FAM's run state follows the Trainer's."""
+    """Tells its trainer when a training run begins and ends, so FAM's run state follows the Trainer's.
+
+    It holds the trainer itself (a cycle the garbage collector handles), not a weak reference, so the trainer stays
+    picklable: Ray Tune ships it to its workers.
+    """
 
     def __init__(self, trainer: Any) -> None:
-        self._trainer = weakref.ref(trainer)
+        self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs) -> None:
-        trainer = self._trainer()
-        if trainer is not None:
-            trainer._fam_begin_run()
+        self.trainer._fam_begin_run()
 
     def on_train_end(self, args, state, control, **kwargs) -> None:
-        trainer = self._trainer()
-        if trainer is not None:
-            trainer._fam_end_run()
+        self.trainer._fam_end_run()
 
 
 @dataclass
