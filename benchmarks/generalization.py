@@ -9,8 +9,8 @@ Tasks (offline data, see DESIGN.md section 7):
 
 Arms: ``baseline`` (plain Trainer), ``sam`` (FAMTrainer with ``fam_lambda=0, sam_rho=0.05``) and ``<mode>@<share>``:
 FAMTrainer with ``fam_gradient=<mode>`` and ``fam_lambda=None, fam_share=<share>``, so the penalty is ``share`` of the
-task loss on the first batch (the resolved lambda is reported). Every arm of one seed starts from the same initial weights,
-sees the same training subset, label noise and batch order. The study screens all arms on a few seeds, then
+task loss on the first batch (the resolved lambda is reported). Every arm of one seed starts from the same initial
+weights, sees the same training subset, label noise and batch order. The study screens all arms on a few seeds, then
 re-runs a fixed set of arms (baseline, SAM, each mode at the default 0.1% share) plus the ``--confirm-top`` best
 FAM arms of the screening on more seeds; differences to the baseline are paired by seed with a 95% t-interval.
 
