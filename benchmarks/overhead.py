@@ -83,6 +83,19 @@ def model_specs(quick: bool = False) -> dict[str, ModelSpec]:
         tie_word_embeddings=True,
         rms_norm_eps=1e-5,
     )
+
+    def smollm_spec(name: str, batch_size: int, seq_len: int) -> ModelSpec:
+        layers = smollm["num_hidden_layers"]
+        return ModelSpec(
+            name,
+            "causal_lm",
+            smollm,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            reps=2 if quick else 3,
+            note=f"SmolLM2-135M shape ({layers} layers, 49,152 vocab), {batch_size} x {seq_len} tokens",
+        )
+
     return {
         "minilm": ModelSpec(
             "minilm",
@@ -110,24 +123,8 @@ def model_specs(quick: bool = False) -> dict[str, ModelSpec]:
             reps=3,
             note="ViT-Base/16 shape, 224 px, 1000 classes, batch 2",
         ),
-        "smollm2-4x128": ModelSpec(
-            "smollm2-4x128",
-            "causal_lm",
-            smollm,
-            batch_size=4,
-            seq_len=128,
-            reps=2 if quick else 3,
-            note=f"SmolLM2-135M shape ({smollm['num_hidden_layers']} layers, 49,152 vocab), 4 x 128 tokens",
-        ),
-        "smollm2": ModelSpec(
-            "smollm2",
-            "causal_lm",
-            smollm,
-            batch_size=1,
-            seq_len=256,
-            reps=2 if quick else 3,
-            note=f"SmolLM2-135M shape ({smollm['num_hidden_layers']} layers, 49,152 vocab), 1 x 256 tokens",
-        ),
+        "smollm2-4x128": smollm_spec("smollm2-4x128", 4, 128),
+        "smollm2": smollm_spec("smollm2", 1, 256),
     }
 
 

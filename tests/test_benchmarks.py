@@ -21,8 +21,6 @@ sys.path.insert(0, str(ROOT))
 
 import benchmarks.common as common  # noqa: E402
 
-RHO = 0.05
-LR = 0.1
 
 
 def _run_script(*args: str, tmp_path: Path) -> None:
@@ -112,3 +110,15 @@ def test_merged_run_logs_count_each_task_arm_seed_once():
     assert [(r["arm"], r["seed"], r["acc"]) for r in merged] == [("baseline", 0, 0.5), ("a", 0, 0.7), ("a", 1, 0.1)]
     diff = paired_differences(merged, "t", "acc")["a"]
     assert diff["seeds"] == 1 and diff["mean"] == pytest.approx(0.2)
+
+
+def test_row_sampling_smoke_reports_every_budget_against_the_exact_penalty(tmp_path):
+    out = tmp_path / "rows.json"
+    _run_script("benchmarks/row_sampling.py", "--smoke", "--threads", "1", "--out", str(out), tmp_path=tmp_path)
+    result = json.loads(out.read_text())
+    for shape in ("4x128", "1x256"):
+        entry = result["shapes"][shape]
+        assert set(entry["budgets"]) >= {"auto", "32", "64", "128"}
+        for budget in entry["budgets"].values():
+            assert budget["rows"] < entry["counted_rows"]  # every budget really samples on this wide head
+            assert abs(budget["relative_bias"]) < 0.05 and budget["relative_std"] >= 0

@@ -105,19 +105,9 @@ def _fam_logs(trainer):
 
 def test_resumed_run_logs_what_the_uninterrupted_run_logs(tmp_path):
     """Resume from checkpoint-4 with logging every 2 steps: step 6's logs equal the uninterrupted run's."""
-    data = as_dataset(batch_for(build("bert", "sequence"), size=12))
-
-    def trainer(folder):
-        return FAMTrainer(
-            model=build("bert", "sequence"),
-            args=_resumable_args(folder),
-            train_dataset=data,
-            data_collator=collator(torch.float64),
-        )
-
-    whole = trainer(tmp_path / "whole")
+    whole = _resumable_trainer(_resumable_args(tmp_path / "whole"))
     whole.train()
-    resumed = trainer(tmp_path / "whole")
+    resumed = _resumable_trainer(_resumable_args(tmp_path / "whole"))
     resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-4"))
     expected, actual = _fam_logs(whole), _fam_logs(resumed)
     assert set(expected) == set(actual) == {2, 4, 6}  # the resumed history starts with the checkpoint's 2 and 4
@@ -125,16 +115,20 @@ def test_resumed_run_logs_what_the_uninterrupted_run_logs(tmp_path):
     assert resumed.fam_lambda == whole.fam_lambda  # restored from the checkpoint, not recalibrated at step 5
 
 
+def _resumable_trainer(args: FAMTrainingArguments) -> FAMTrainer:
+    """A BERT classifier over 12 examples: 6 steps of 2, checkpoints every 4 steps, logs every 2."""
+    return FAMTrainer(
+        model=build("bert", "sequence"),
+        args=args,
+        train_dataset=as_dataset(batch_for(build("bert", "sequence"), size=12)),
+        data_collator=collator(torch.float64),
+    )
+
+
 def test_checkpoint_state_carries_the_resolved_lambda_in_the_trainer_state(tmp_path):
     import json
 
-    data = as_dataset(batch_for(build("bert", "sequence"), size=12))
-    first = FAMTrainer(
-        model=build("bert", "sequence"),
-        args=_resumable_args(tmp_path),
-        train_dataset=data,
-        data_collator=collator(torch.float64),
-    )
+    first = _resumable_trainer(_resumable_args(tmp_path))
     first.train()
     state = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
     saved = state["stateful_callbacks"]["FAMState"]["args"]
@@ -143,19 +137,11 @@ def test_checkpoint_state_carries_the_resolved_lambda_in_the_trainer_state(tmp_p
 
 
 def test_resume_with_a_changed_share_recalibrates_and_says_so(tmp_path, caplog):
-    data = as_dataset(batch_for(build("bert", "sequence"), size=12))
-    first = FAMTrainer(
-        model=build("bert", "sequence"),
-        args=_resumable_args(tmp_path),
-        train_dataset=data,
-        data_collator=collator(torch.float64),
-    )
+    first = _resumable_trainer(_resumable_args(tmp_path))
     first.train()
     args = _resumable_args(tmp_path)
     args.fam_share = 0.1
-    changed = FAMTrainer(
-        model=build("bert", "sequence"), args=args, train_dataset=data, data_collator=collator(torch.float64)
-    )
+    changed = _resumable_trainer(args)
     with caplog.at_level(logging.WARNING, logger="fam_hf.trainer"):
         changed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
     assert "differ from the checkpoint" in caplog.text and "fam_share" in caplog.text
