@@ -1,50 +1,27 @@
-"""Shared helpers of the benchmarks: threads, quiet Trainer arguments, tables, JSON, statistics, data loading."""
+"""Shared helpers of the benchmarks: threads, quiet Trainer arguments, JSON, data loading; tables and statistics
+from :mod:`fam_hf.stats` (their one home, shared with ``fam-hf compare``)."""
 
 from __future__ import annotations
 
 import gzip
 import json
-import math
 import os
 import platform
 import random
-import statistics
 import struct
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from fam_hf.stats import markdown_table, mean_interval, std, t_quantile  # noqa: F401 - the benchmarks' statistics
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 IMG_DIR = ROOT / "docs" / "img"
 FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
-
-# Student t quantiles t_{0.975, df}, for 95% intervals over a handful of seeds (no scipy needed).
-_T975 = {
-    1: 12.706,
-    2: 4.303,
-    3: 3.182,
-    4: 2.776,
-    5: 2.571,
-    6: 2.447,
-    7: 2.365,
-    8: 2.306,
-    9: 2.262,
-    10: 2.228,
-    11: 2.201,
-    12: 2.179,
-    13: 2.160,
-    14: 2.145,
-    15: 2.131,
-    16: 2.120,
-    19: 2.093,
-    24: 2.064,
-    29: 2.045,
-}
 
 
 def setup_torch(threads: int = 2) -> None:
@@ -115,46 +92,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Return a GitHub markdown table; floats are shown with 4 significant digits."""
-
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return "nan" if math.isnan(value) else f"{value:.4g}"
-        return str(value)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def t_quantile(df: int) -> float:
-    """Return the 97.5% quantile of Student's t with ``df`` degrees of freedom (table, then normal limit)."""
-    if df <= 0:
-        return float("nan")
-    if df in _T975:
-        return _T975[df]
-    smaller = [k for k in _T975 if k < df]
-    return _T975[max(smaller)] if df < 30 else 1.96 + 2.4 / df
-
-
-def mean_interval(values: Sequence[float]) -> tuple[float, float, float]:
-    """Return ``(mean, low, high)``: the mean and its 95% t-interval (nan bounds with fewer than 2 values)."""
-    values = [float(v) for v in values]
-    if not values:
-        return float("nan"), float("nan"), float("nan")
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, float("nan"), float("nan")
-    half = t_quantile(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
-
-
-def std(values: Sequence[float]) -> float:
-    """Return the sample standard deviation (0 for a single value)."""
-    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 # ---- data -------------------------------------------------------------------------------------------------

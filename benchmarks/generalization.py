@@ -28,7 +28,6 @@ token ids are generated in code and then take the same path as the real data (su
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -49,7 +48,6 @@ from benchmarks.common import (  # noqa: E402
     environment,
     load_fashion_mnist,
     markdown_table,
-    mean_interval,
     quiet_args,
     seed_everything,
     setup_torch,
@@ -406,6 +404,8 @@ def choose_confirm_arms(runs: list[dict], task: str, plan: StudyPlan) -> list[st
 
 def run_study(plan: StudyPlan, log_path: Path) -> list[dict]:
     """Run the plan, appending every finished run to ``log_path`` (JSON lines) and skipping runs already there."""
+    from fam_hf.compare import append_run
+
     runs = _read_runs(log_path)
     done = {(r["task"], r["arm"], r["seed"]) for r in runs}
     for task in plan.tasks:
@@ -423,8 +423,7 @@ def run_study(plan: StudyPlan, log_path: Path) -> list[dict]:
                     result = run_one(task, arm, seed)
                     runs.append(result)
                     done.add((task.name, arm, seed))
-                    with open(log_path, "a") as handle:
-                        handle.write(json.dumps(result) + "\n")
+                    append_run(log_path, result)
                     print(
                         f"[{task.name}] seed {seed} {arm:>14}: test acc {result['test_accuracy']:.4f} "
                         f"train acc {result['train_accuracy']:.4f} flatness {result['relative_flatness']:.4g} "
@@ -435,22 +434,16 @@ def run_study(plan: StudyPlan, log_path: Path) -> list[dict]:
 
 
 def _read_runs(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from fam_hf.compare import read_runs
+
+    return read_runs(path)
 
 
 def merge_runs(logs: list[list[dict]]) -> list[dict]:
     """Concatenate run logs, keeping the first run of each (task, arm, seed) so that no pair is counted twice."""
-    seen: set[tuple[str, str, int]] = set()
-    merged = []
-    for log in logs:
-        for run in log:
-            key = (run["task"], run["arm"], run["seed"])
-            if key not in seen:
-                seen.add(key)
-                merged.append(run)
-    return merged
+    from fam_hf.compare import merge_runs as merge
+
+    return merge(logs, key=("task", "arm", "seed"))
 
 
 # ---- analysis -----------------------------------------------------------------------------------------------
@@ -458,18 +451,16 @@ def merge_runs(logs: list[list[dict]]) -> list[dict]:
 
 def paired_differences(runs: list[dict], task: str, metric: str) -> dict[str, dict[str, float]]:
     """Return per arm the mean paired difference ``arm - baseline`` of ``metric`` over shared seeds, with its 95% CI."""
+    from fam_hf.stats import paired_differences as paired
+
     by_arm: dict[str, dict[int, float]] = {}
     for run in runs:
         if run["task"] == task:
             by_arm.setdefault(run["arm"], {})[run["seed"]] = run[metric]
-    baseline = by_arm.get("baseline", {})
-    out = {}
-    for arm, values in by_arm.items():
-        seeds = sorted(set(values) & set(baseline))
-        diffs = [values[s] - baseline[s] for s in seeds]
-        mean, low, high = mean_interval(diffs)
-        out[arm] = {"mean": mean, "low": low, "high": high, "seeds": len(seeds)}
-    return out
+    return {
+        arm: {"mean": d.mean, "low": d.low, "high": d.high, "seeds": d.n}
+        for arm, d in paired(by_arm, baseline="baseline").items()
+    }
 
 
 def summarize(runs: list[dict], task: str, arms: list[str]) -> list[dict[str, Any]]:
@@ -569,6 +560,8 @@ def plot_accuracy(summaries: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fam_hf.plotting import draw_interval
+
     tasks = list(summaries)
     fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 6.4), squeeze=False)
     for col, task in enumerate(tasks):
@@ -580,12 +573,7 @@ def plot_accuracy(summaries: dict[str, list[dict]], path: Path) -> None:
             axes[0, col].errorbar(i, 100 * r["test_accuracy"], yerr=half, fmt="o", color=colors[i], capsize=3)
             d = r["d_accuracy"]
             if r["arm"] != "baseline":
-                err = (
-                    [[100 * (d["mean"] - d["low"])], [100 * (d["high"] - d["mean"])]]
-                    if not math.isnan(d["low"])
-                    else None
-                )
-                axes[1, col].errorbar(i, 100 * d["mean"], yerr=err, fmt="o", color=colors[i], capsize=3)
+                draw_interval(axes[1, col], i, d["mean"], d["low"], d["high"], scale=100, color=colors[i])
         axes[1, col].axhline(0, color="gray", lw=0.8)
         axes[0, col].set_title(task)
         axes[0, col].set_ylabel("test accuracy % (mean, 95% CI)")
@@ -599,7 +587,7 @@ def plot_accuracy(summaries: dict[str, list[dict]], path: Path) -> None:
 
 
 def _half_width(sd: float, n: int) -> float:
-    from benchmarks.common import t_quantile
+    from fam_hf.stats import t_quantile
 
     return t_quantile(n - 1) * sd / math.sqrt(n) if n > 1 else 0.0
 

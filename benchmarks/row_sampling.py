@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS_DIR, environment, markdown_table, setup_torch, write_json  # noqa: E402
 from fam_hf import FlatnessProbe  # noqa: E402
 from fam_hf.flatness import head_flatness_sum  # noqa: E402
-from fam_hf.run import auto_max_rows  # noqa: E402
 from fam_hf.rows import sample_rows  # noqa: E402
+from fam_hf.run import auto_max_rows  # noqa: E402
 
 SHAPES = ((4, 128), (1, 256))
 FIXED_BUDGETS = (32, 64, 128)
@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
                 ]
             )
     print(markdown_table(["batch", "budget", "rows drawn", "exact kappa", "mean estimate", "bias", "rel. std"], rows))
-    path = Path(args.out) if args.out else RESULTS_DIR / ("row_sampling_smoke.json" if args.smoke else "row_sampling.json")
+    default = "row_sampling_smoke.json" if args.smoke else "row_sampling.json"
+    path = Path(args.out) if args.out else RESULTS_DIR / default
     write_json(path, results)
     print(f"\nwrote {path}")
 

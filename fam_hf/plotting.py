@@ -1,14 +1,19 @@
-"""Plotting training runs side by side: task loss, relative flatness and eval accuracy against steps.
+"""Plots: training runs side by side, and paired differences between training arms with their intervals.
 
-Reads only what the Trainer writes, ``trainer_state.json`` (its ``log_history``), so it works on any run of
-:class:`fam_hf.FAMTrainer`, a recipe or the demo. A plain Trainer's run plots too, with ``loss`` for task loss.
+:func:`plot_runs` reads only what the Trainer writes, ``trainer_state.json`` (its ``log_history``), so it works on
+any run of :class:`fam_hf.FAMTrainer`, a recipe or the demo. A plain Trainer's run plots too, with ``loss`` for task
+loss. :func:`plot_paired_differences` draws what ``fam-hf compare`` measures (and :func:`draw_interval` is the one
+way the benchmarks draw an interval too).
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 STATE_NAME = "trainer_state.json"
 
@@ -83,16 +88,7 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path, title: str | None 
 
     Training curves are solid lines, evaluation points are markers joined by dashes, in the run's colour.
     """
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise ImportError(
-            "Plotting needs matplotlib: pip install 'fam_hf[plot]' (or pip install matplotlib)."
-        ) from error
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     runs = [load_run(run_dir) for run_dir in run_dirs]
     if not runs:
         raise ValueError("Nothing to plot: pass at least one run folder.")
@@ -120,6 +116,93 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path, title: str | None 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output, dpi=110)
+    plt.close(figure)
+    return output
+
+
+def _pyplot():
+    """Return ``matplotlib.pyplot`` on the file-only Agg backend, or raise an ImportError that says how to get it."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError(
+            "Plotting needs matplotlib: pip install 'fam_hf[plot]' (or pip install matplotlib)."
+        ) from error
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def draw_interval(axis: Any, x: float, mean: float, low: float, high: float, scale: float = 1.0, **style: Any) -> None:
+    """Draw ``mean`` at ``x`` with the interval ``[low, high]`` as error bars (the point alone if ``low`` is nan);
+    every value is multiplied by ``scale``. ``style`` goes to ``errorbar`` (default: a dot with caps)."""
+    style = {"fmt": "o", "capsize": 3, **style}
+    error = None
+    if not (low is None or high is None or math.isnan(low) or math.isnan(high)):
+        error = [[scale * (mean - low)], [scale * (high - mean)]]
+    axis.errorbar(x, scale * mean, yerr=error, **style)
+
+
+def plot_paired_differences(
+    panels: Mapping[str, Sequence[Mapping[str, Any]]],
+    output: str | Path,
+    title: str | None = None,
+    baseline: str = "plain",
+) -> Path:
+    """Write a PNG with one panel per metric: each arm's mean paired difference to ``baseline`` and its interval.
+
+    ``panels`` maps a metric name to its entries, each a mapping with ``label``, ``mean``, ``low``, ``high`` (nan or
+    ``None`` without an interval) and ``n``, and optionally ``fresh`` (a confirmation on fresh seeds: drawn as a
+    square) and ``color``. Intervals that exclude 0 are drawn solid, the others faded.
+    """
+    plt = _pyplot()
+    names = list(panels)
+    if not names:
+        raise ValueError("Nothing to plot: no metric has a paired difference.")
+    columns = min(3, len(names))
+    rows = math.ceil(len(names) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.6 * rows), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, metric in enumerate(names):
+        axis = axes[index // columns][index % columns]
+        entries = list(panels[metric])
+        for x, entry in enumerate(entries):
+            low = entry.get("low")
+            high = entry.get("high")
+            low = float("nan") if low is None else low
+            high = float("nan") if high is None else high
+            mean = entry.get("mean")
+            if mean is None or math.isnan(mean):
+                continue
+            excludes = not math.isnan(low) and (low > 0 or high < 0)
+            draw_interval(
+                axis,
+                x,
+                mean,
+                low,
+                high,
+                color=entry.get("color", colours[x % len(colours)]),
+                fmt="s" if entry.get("fresh") else "o",
+                alpha=1.0 if excludes else 0.55,
+            )
+        axis.axhline(0, color="gray", lw=0.8)
+        axis.set_xticks(
+            range(len(entries)), [f"{e['label']}\nn={e.get('n', '?')}" for e in entries], rotation=30, fontsize=7
+        )
+        axis.set_xlim(-0.6, max(len(entries), 1) - 0.4)
+        axis.set_title(metric, fontsize=9)
+        axis.set_ylabel(f"difference to {baseline} (95% CI)", fontsize=8)
+        axis.grid(alpha=0.3)
+    for index in range(len(names), rows * columns):
+        axes[index // columns][index % columns].set_visible(False)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=100)
     plt.close(figure)
     return output
 

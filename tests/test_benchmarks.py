@@ -22,7 +22,6 @@ sys.path.insert(0, str(ROOT))
 import benchmarks.common as common  # noqa: E402
 
 
-
 def _run_script(*args: str, tmp_path: Path) -> None:
     env = {**os.environ, "FASHION_MNIST_DIR": str(tmp_path / "no-fashion-mnist-here")}
     done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)

@@ -185,3 +185,9 @@ def test_plot_of_a_folder_without_a_run_says_what_to_pass(tmp_path, capsys):
 def test_the_console_script_runs_the_cli():
     entry_points = importlib.metadata.entry_points(group="console_scripts", name="fam-hf")
     assert [entry.value for entry in entry_points] == ["fam_hf.cli:main"]
+
+
+def test_compare_is_a_subcommand_that_refuses_an_unknown_arm(tmp_path, capsys):
+    status = cli.main(["compare", "--arms", "plain", "fam:sideways@0.1", "--out", str(tmp_path), "--", "true"])
+    assert status == 2
+    assert "fam:sideways@0.1" in capsys.readouterr().err
