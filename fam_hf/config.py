@@ -56,7 +56,7 @@ class FAMTrainingArguments(TrainingArguments):
             How many counted rows (tokens) of each training batch the penalty is computed from. `"auto"` keeps the
             penalty exact where the head is narrow against the model (classifiers: every row) and, where it is wide
             (a language model's head), estimates it without bias from a share of the batch's rows chosen so that
-            the penalty costs about 5% of a step (at least 32 rows; the share follows the batch). An `int` is a
+            the penalty costs about 3% of a step (at least 32 rows; the share follows the batch). An `int` is a
             fixed number of rows per batch; `None` (or `"all"` on the command line) always uses every row, the exact
             penalty. Evaluation always uses every row.
 
@@ -114,7 +114,7 @@ class FAMTrainingArguments(TrainingArguments):
         default="auto",
         metadata={
             "help": "Rows (tokens) per training batch the penalty is computed from: auto (exact for classifiers, an "
-            "unbiased sample costing about 5% of a step for language-model heads), a number, or all (exact)."
+            "unbiased sample costing about 3% of a step for language-model heads), a number, or all (exact)."
         },
     )
 

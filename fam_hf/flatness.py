@@ -229,8 +229,11 @@ def _eager_flatness_sum(
     return FlatnessSum(total, mask.sum())
 
 
-def _row_terms(loss, weight, row_norms, features, logits, mask, softcap=None, targets=None) -> torch.Tensor:
-    """Return ``mask_i ||phi_i||^2 <W W^T, G_i>`` per row, ``G_i`` the loss's Hessian in row i's logits."""
+def _row_terms(loss, weight, row_norms, features, logits, mask, softcap=None, targets=None, top=None) -> torch.Tensor:
+    """Return ``mask_i ||phi_i||^2 <W W^T, G_i>`` per row, ``G_i`` the loss's Hessian in row i's logits.
+
+    ``top`` is ``(index, rows)``: each row's most likely class and those classes' weight rows, given by a caller
+    that takes their gradient itself (see :func:`_softmax_curvature`)."""
     if loss == _GROUPED:
         return _grouped_softmax_terms(row_norms, features, logits, mask)
     logits = at_least_float32(logits)
@@ -238,7 +241,7 @@ def _row_terms(loss, weight, row_norms, features, logits, mask, softcap=None, ta
     if loss == "cross_entropy" and softcap is not None:
         curvature = _capped_softmax_curvature(weight, row_norms, logits, softcap, targets)
     elif loss == "cross_entropy":
-        curvature = _softmax_curvature(weight, row_norms, logits)
+        curvature = _softmax_curvature(weight, row_norms, logits, top)
     elif loss == "mse":
         curvature = (2.0 / width) * row_norms.sum().expand(logits.shape[0])
     else:
@@ -247,16 +250,27 @@ def _row_terms(loss, weight, row_norms, features, logits, mask, softcap=None, ta
     return at_least_float32(features).pow(2).sum(-1) * curvature * mask
 
 
-def _softmax_curvature(weight: torch.Tensor, row_norms: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def _softmax_curvature(
+    weight: torch.Tensor,
+    row_norms: torch.Tensor,
+    logits: torch.Tensor,
+    top: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Return ``<W W^T, diag(p) - p p^T>`` per row: the variance of the head's rows under the softmax.
 
     Centred on each row's most likely class so that a confident prediction (p near one-hot) does not turn the
     variance into the difference of two nearly equal numbers: every term below is of the order of ``1 - p_top``.
     With fewer outputs than features it works on the outputs' Gram matrix, so it costs O(rows x outputs^2)
-    instead of O(rows x outputs x features).
+    instead of O(rows x outputs x features). ``top`` = ``(index, rows)`` gives the most likely classes (the
+    arg-max of the logits) and their weight rows as a separate leaf, so that a wide head's gradient need not
+    scatter them into a zero-filled weight-sized tensor.
     """
     probs = torch.softmax(logits, dim=-1)
-    top = probs.detach().argmax(-1, keepdim=True)
+    top_rows = None
+    if top is None:
+        top = probs.detach().argmax(-1, keepdim=True)
+    else:
+        top, top_rows = top[0].unsqueeze(-1), top[1]
     rest = probs.scatter(-1, top, 0.0)
     rest_mass = rest.sum(-1)
     top_norm = row_norms[top.squeeze(-1)]
@@ -267,7 +281,8 @@ def _softmax_curvature(weight: torch.Tensor, row_norms: torch.Tensor, logits: to
         rest_mean_sq = (rest_gram * rest).sum(-1)
     else:
         rest_mean = rest @ weight
-        cross = (weight[top.squeeze(-1)] * rest_mean).sum(-1)
+        top_rows = weight[top.squeeze(-1)] if top_rows is None else top_rows
+        cross = (top_rows * rest_mean).sum(-1)
         rest_mean_sq = rest_mean.pow(2).sum(-1)
     spread = rest @ row_norms - 2 * cross + rest_mass * top_norm
     return spread - (rest_mean_sq - 2 * rest_mass * cross + rest_mass.pow(2) * top_norm)
@@ -333,7 +348,7 @@ class _EagerFlatness(torch.autograd.Function):
         weight32 = at_least_float32(weight.detach())
         leaves = {
             "weight": weight32.requires_grad_(need_weight),
-            "norms": weight32.pow(2).sum(-1).requires_grad_(need_weight),  # a leaf of its own: see below
+            "norms": torch.linalg.vector_norm(weight32, dim=-1).square().requires_grad_(need_weight),  # see below
         }
         if bias is not None:
             leaves["bias"] = at_least_float32(bias.detach()).requires_grad_(need_bias)
@@ -352,6 +367,10 @@ class _EagerFlatness(torch.autograd.Function):
                         chunk_logits = at_least_float32(chunk_features) @ leaves["weight"].T
                         chunk_logits = chunk_logits + leaves["bias"] if bias is not None else chunk_logits
                 chunk_targets = None if targets is None else targets[rows]
+                top = None
+                if loss == "cross_entropy" and softcap is None and width > dim:
+                    top_index = chunk_logits.detach().argmax(-1)
+                    top = (top_index, weight32[top_index].detach().requires_grad_(need_weight))
                 chunk_total = _row_terms(
                     loss,
                     leaves["weight"],
@@ -361,9 +380,12 @@ class _EagerFlatness(torch.autograd.Function):
                     mask[rows],
                     softcap,
                     chunk_targets,
+                    top,
                 ).sum()
                 total += chunk_total.detach()
                 wanted = {k: leaves[k] for k in sums}
+                if top is not None and need_weight:
+                    wanted["top_rows"] = top[1]
                 if chunk_features.requires_grad:
                     wanted["features"] = chunk_features
                 if logits is not None and chunk_logits.requires_grad:
@@ -373,6 +395,8 @@ class _EagerFlatness(torch.autograd.Function):
                 grads = dict(zip(wanted, torch.autograd.grad(chunk_total, list(wanted.values()), allow_unused=True)))
                 for key in sums:
                     _accumulate(sums, key, grads.get(key))
+                if grads.get("top_rows") is not None:  # the most likely classes' rows, added where they belong
+                    _add_rows(sums, "weight", top[0], grads["top_rows"], weight32)
                 if grad_features is not None and grads.get("features") is not None:
                     grad_features[rows] = grads["features"]
                 if grads.get("logits") is None:
@@ -403,8 +427,15 @@ class _EagerFlatness(torch.autograd.Function):
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total):
-        grads = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors]
+        if getattr(ctx, "used", False):
+            raise RuntimeError(
+                "The relative-flatness penalty's gradient was already used by an earlier backward pass; compute the "
+                "penalty again for another one (its gradients are taken in forward and scaled in place)."
+            )
+        ctx.used = True  # scaled in place below: a weight-sized tensor fewer to allocate on a language model's head
+        grads = [None if g is None else g.mul_(grad_total.to(g.dtype)) for g in ctx.saved_tensors]
         return (None, *grads, None, None)
 
 
@@ -420,6 +451,16 @@ def _accumulate(sums: dict, key: str, value: torch.Tensor | None) -> None:
         total.add_(value)
     else:
         sums[key] = total + value
+
+
+def _add_rows(sums: dict, key: str, index: torch.Tensor, rows: torch.Tensor, like: torch.Tensor) -> None:
+    """Add ``rows`` to the rows ``index`` of ``sums[key]``, a tensor shaped like ``like`` (made if still missing)."""
+    total = sums[key]
+    if total is None:
+        total = torch.zeros_like(like)
+    elif not total.is_contiguous() or total._base is not None:
+        total = total.contiguous().clone()
+    sums[key] = total.index_add_(0, index, rows.to(total.dtype))
 
 
 def _or_zeros(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from transformers.trainer_callback import ExportableState
 from .probe import FlatnessProbe
 
 # The automatic row budget aims the penalty at this share of a training step's compute.
-AUTO_ROWS_COST_SHARE = 0.05
+AUTO_ROWS_COST_SHARE = 0.03
 # Never estimate the penalty from fewer rows than this: below it the estimate's variance grows quickly.
 AUTO_ROWS_MINIMUM = 32
 

@@ -250,3 +250,25 @@ def test_chunked_rows_for_mse_and_bce(loss, monkeypatch):
     _assert_rel(chunked, whole, tol=1e-12)
     for actual, expected in zip(_grads(chunked, (weight, features)), whole_grads):
         _assert_rel(actual, expected, tol=1e-12)
+
+
+@pytest.mark.parametrize("gradient", ["full", "head", "weights"])
+def test_wide_head_in_chunks_gives_each_modes_brute_force_gradient(gradient, monkeypatch):
+    """More outputs than features (a language model's head): the top classes' rows get their gradient added
+    row by row, chunk after chunk."""
+    from fam_hf import flatness
+
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(9, 3, dtype=torch.float64, generator=generator).requires_grad_()
+    bias = torch.randn(9, dtype=torch.float64, generator=generator).requires_grad_()
+    features = torch.randn(7, 3, dtype=torch.float64, generator=generator).requires_grad_()
+    labels = torch.randint(0, 9, (7,), generator=generator)
+    labels[2] = -100
+    inputs = (weight, bias, features)
+    held = features if gradient == "full" else features.detach()
+    brute = hessian_relative_flatness(weight, held, labels, bias, hold_traces=gradient == "weights")
+    monkeypatch.setattr(flatness, "CHUNK_ELEMENTS", 2 * 9)  # two rows a chunk
+    flat = flatness.head_flatness_sum(gradient, weight, bias, features, features @ weight.T + bias, labels)
+    _assert_rel(flat.total / flat.rows, brute)
+    for actual, wanted in zip(_grads(flat.total / flat.rows, inputs), _grads(brute, inputs)):
+        _assert_rel(actual, wanted)

@@ -219,7 +219,7 @@ def test_auto_rows_keep_classifiers_exact_and_sample_a_wide_head():
 
 
 def test_auto_rows_budget_for_a_large_vocabulary_lm_shape():
-    """SmolLM2-135M's shape (576 x 49152 tied head, 30 layers): about a fifth of the rows, at least 32."""
+    """SmolLM2-135M's shape (576 x 49152 tied head, 30 layers): about a tenth of the rows, at least 32."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
@@ -235,7 +235,7 @@ def test_auto_rows_budget_for_a_large_vocabulary_lm_shape():
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     budget = auto_max_rows(model, (49152, 576))
-    assert 0.1 < budget.fraction < 0.3
+    assert 0.05 < budget.fraction < 0.2
     assert budget(512) < 512 / 3
 
 
