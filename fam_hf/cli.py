@@ -45,8 +45,9 @@ DEMO_HELP = "\n\n".join(
         f"{_LM_DEMO.train_samples} training and {_LM_DEMO.eval_samples} evaluation articles, the first "
         f"{_LM_DEMO.max_length} words of each, {_LM_DEMO.max_steps} steps of {_LM_DEMO.batch_size} at lr "
         f"{_LM_DEMO.learning_rate:g}, evaluation every {_LM_DEMO.eval_steps} steps, LoRA rank {_LM_DEMO.lora_r} on "
-        f"q_proj, v_proj and lm_head; the FAM run uses fam_share {_LM_DEMO.fam_share:g} and fam_gradient "
-        f"{_LM_DEMO.fam_gradient} at fam_max_rows auto. It prints eval loss, perplexity and relative flatness of "
+        "q_proj and v_proj (and on lm_head with --fam_gradient head or weights, whose penalty trains only the head); "
+        f"the FAM run uses fam_share {_LM_DEMO.fam_share:g} and fam_gradient {_LM_DEMO.fam_gradient} at fam_max_rows "
+        "auto. It prints eval loss, perplexity and relative flatness of "
         f"lm_head, the step time of each run and their ratio, and {_LM_DEMO.samples} generated headlines of each "
         "run next to the real ones; the numbers in brackets in the options below are its defaults.",
     )

