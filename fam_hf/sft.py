@@ -17,6 +17,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from .config import FAMTrainingArguments
+from .head import _active_module, _is_lora_layer
 from .probe import BatchFlatness
 from .run import FAMRun
 from .sam import SAMMixin
@@ -55,6 +56,14 @@ class FAMSFTTrainer(FAMMixin, SAMMixin, SFTTrainer):
                 "takes its normalization from that loss. Remove the setting, or set fam_lambda=0 to only measure."
             )
         super()._fam_begin_run()
+        head = _active_module(self._fam_run.probe.head)
+        if _is_lora_layer(head) and not head.disable_adapters and not head.merged:
+            raise ValueError(
+                f"FAMSFTTrainer: {self._fam_run.probe.head_name!r} has a LoRA adapter, but TRL's fused LM head "
+                "computes the loss from its base weight and skips the adapter, so the penalty would train an adapter the loss "
+                "never sees. Put the head in PEFT's modules_to_save instead, or leave it frozen and set "
+                "fam_gradient='full' (the penalty then trains the adapters through the features)."
+            )
         self._fam_run.hooks.append(self.model.register_forward_hook(_record_token_loss_sum(self._fam_run.raw_loss)))
 
     def _fam_scale(self, run: FAMRun, loss: torch.Tensor, batch: BatchFlatness, num_items_in_batch) -> torch.Tensor:

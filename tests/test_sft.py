@@ -37,3 +37,19 @@ def test_sft_step_equals_gradient_of_sft_loss_plus_brute_force_kappa(gradient, t
     assert max(float((expected[n] - plain[n]).abs().max()) for n in expected) > 1e-2
     entry = next(e for e in trainer.state.log_history if "loss" in e)
     assert {"entropy", "mean_token_accuracy", "task_loss", "relative_flatness", "fam_lambda"} <= set(entry)
+
+
+def test_lora_on_the_fused_head_is_refused(tmp_path):
+    """TRL's fused head reads lm_head's base weight, so an adapter on it would be trained by the penalty alone.
+
+    TRL 1.16 refuses it itself when the trainer is built; FAMSFTTrainer checks again when training starts."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(build("llama", "causal_lm"), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    input_ids = torch.randint(3, 40, (8, 6), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="lm_head.*adapter|adapter.*lm_head"):
+        FAMSFTTrainer(
+            model=model,
+            args=_config(tmp_path, fam_lambda=2.0, fam_gradient="head"),
+            train_dataset=Dataset.from_dict({"input_ids": input_ids.tolist()}),
+            processing_class=tiny_tokenizer(),
+        ).train()
