@@ -60,8 +60,8 @@ class FAMSFTTrainer(FAMMixin, SAMMixin, SFTTrainer):
         if _is_lora_layer(head) and not head.disable_adapters and not head.merged:
             raise ValueError(
                 f"FAMSFTTrainer: {self._fam_run.probe.head_name!r} has a LoRA adapter, but TRL's fused LM head "
-                "computes the loss from its base weight and skips the adapter, so the penalty would train an adapter the loss "
-                "never sees. Put the head in PEFT's modules_to_save instead, or leave it frozen and set "
+                "computes the loss from its base weight and skips the adapter, so the penalty would train an adapter "
+                "the loss never sees. Put the head in PEFT's modules_to_save instead, or leave it frozen and set "
                 "fam_gradient='full' (the penalty then trains the adapters through the features)."
             )
         self._fam_run.hooks.append(self.model.register_forward_hook(_record_token_loss_sum(self._fam_run.raw_loss)))
