@@ -130,6 +130,8 @@ def record_model_loss(record: list[torch.Tensor]):
     """Return a forward hook that keeps a copy of the loss a model returns, before the Trainer rescales it."""
 
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        if not module.training:
+            return  # evaluation: nothing to scale
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if isinstance(loss, torch.Tensor):
             record.append(loss.detach().clone())

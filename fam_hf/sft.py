@@ -80,7 +80,7 @@ def _record_token_loss_sum(record: list[torch.Tensor]):
 
     def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
         log_probs = getattr(output, "log_probs", None)
-        if isinstance(log_probs, torch.Tensor) and torch.is_grad_enabled():
+        if isinstance(log_probs, torch.Tensor) and torch.is_grad_enabled() and module.training:
             record.append(-log_probs.detach().float().sum())
 
     return hook
