@@ -247,10 +247,9 @@ def split_and_tokenize(texts: list[str], labels: list[int], names: list[str], to
 
 def _finetune(name, fam_lambda, model_path, names, tokenizer, train, evaluation, settings: DemoSettings) -> RunResult:
     """Finetune one fresh copy of the model; return its final evaluation."""
-    import torch
     import transformers
 
-    from . import FAMTrainer, FAMTrainingArguments
+    from . import FAMTrainer
     from .metrics import ClassificationMetrics
 
     output_dir = str(Path(settings.output_dir) / ("fam" if name == "with FAM" else "no_fam"))
@@ -266,24 +265,7 @@ def _finetune(name, fam_lambda, model_path, names, tokenizer, train, evaluation,
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    args = FAMTrainingArguments(
-        output_dir=output_dir,
-        max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.batch_size,
-        per_device_eval_batch_size=2 * settings.batch_size,
-        learning_rate=settings.learning_rate,
-        warmup_steps=max(1, settings.max_steps // 10),
-        eval_strategy="steps",
-        eval_steps=settings.eval_steps,
-        logging_steps=max(1, settings.eval_steps // 5),
-        save_strategy="no",
-        report_to="none",
-        dataloader_pin_memory=torch.cuda.is_available(),
-        seed=settings.seed,
-        fam_lambda=fam_lambda,
-        fam_share=settings.fam_share,
-        fam_gradient=settings.fam_gradient,
-    )
+    args = demo_arguments(output_dir, settings, fam_lambda, logs_per_eval=5)
     trainer = FAMTrainer(
         model=model,
         args=args,
@@ -441,3 +423,30 @@ def _image_examples(model: str, data: str, split: str, label_column: str, config
         }
 
     return table.with_transform(transform), collate
+
+
+def demo_arguments(output_dir: str | Path, settings: Any, fam_lambda: float | None, logs_per_eval: int):
+    """Return the ``FAMTrainingArguments`` of one demo run: ``settings``' steps, batch, learning rate (linear decay
+    after a 10% warm-up), evaluation every ``eval_steps`` with ``logs_per_eval`` training logs in between."""
+    import torch
+
+    from . import FAMTrainingArguments
+
+    return FAMTrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=2 * settings.batch_size,
+        learning_rate=settings.learning_rate,
+        warmup_steps=max(1, settings.max_steps // 10),
+        eval_strategy="steps",
+        eval_steps=settings.eval_steps,
+        logging_steps=max(1, settings.eval_steps // logs_per_eval),
+        save_strategy="no",
+        report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),
+        seed=settings.seed,
+        fam_lambda=fam_lambda,
+        fam_share=settings.fam_share,
+        fam_gradient=settings.fam_gradient,
+    )

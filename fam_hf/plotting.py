@@ -111,13 +111,7 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path, title: str | None 
                 0.5, 0.5, f"no {eval_key or train_key} logged", ha="center", va="center", transform=axis.transAxes
             )
     axes[0].legend(fontsize=7)
-    if title:
-        figure.suptitle(title)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, dpi=110)
-    plt.close(figure)
-    return output
+    return save_figure(figure, output, title)
 
 
 def _pyplot():
@@ -197,13 +191,19 @@ def plot_paired_differences(
         axis.grid(alpha=0.3)
     for index in range(len(names), rows * columns):
         axes[index // columns][index % columns].set_visible(False)
+    return save_figure(figure, output, title, dpi=100, tight=True)
+
+
+def save_figure(figure: Any, output: str | Path, title: str | None = None, dpi: int = 110, tight: bool = False) -> Path:
+    """Title ``figure``, write it to ``output`` (making its folder) and close it; return the path."""
     if title:
-        figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
+        figure.suptitle(title, fontsize=10 if tight else None)
+    if tight:
+        figure.tight_layout()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, dpi=100)
-    plt.close(figure)
+    figure.savefig(output, dpi=dpi)
+    _pyplot().close(figure)
     return output
 
 
