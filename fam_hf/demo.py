@@ -159,10 +159,15 @@ def format_table(results: list[RunResult]) -> str:
         )
         for r in results
     ]
+    return "\n".join(text_table(header, rows))
+
+
+def text_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """Return the lines of a plain-text table: columns padded to their widest cell, a dashed rule under the header."""
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in (header, *rows)]
     lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return lines
 
 
 # ---- model and data ----------------------------------------------------------------------------------------------

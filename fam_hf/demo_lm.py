@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .demo import DemoError, demo_arguments
+from .demo import DemoError, demo_arguments, text_table
 from .packaged import (
     PACKAGED_DATA,
     PACKAGED_LM,
@@ -324,9 +324,7 @@ def format_lm_table(results: list[LMRunResult]) -> str:
         )
         for r in results
     ]
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in (header, *rows)]
-    lines.insert(1, "  ".join("-" * width for width in widths))
+    lines = text_table(header, rows)
     if len(results) == 2 and results[0].step_seconds > 0:
         lines.append(
             f"\nstep time with FAM / without: {results[1].step_seconds / results[0].step_seconds:.2f}x "
