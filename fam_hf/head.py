@@ -80,6 +80,19 @@ def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     )
 
 
+def head_shape(module: nn.Module) -> tuple[int, int]:
+    """Return ``(outputs, inputs)`` of a linear head without reading its weight (which FSDP or ZeRO-3 may hold in
+    shards outside the forward pass): from the layer's declared sizes, else from the weight's (full) shape."""
+    active = _active_module(module)
+    if _is_lora_layer(active):
+        active = active.get_base_layer()
+    if isinstance(getattr(active, "out_features", None), int) and isinstance(getattr(active, "in_features", None), int):
+        return active.out_features, active.in_features
+    weight = active.weight
+    shape = tuple(getattr(weight, "ds_shape", weight.shape))
+    return (shape[1], shape[0]) if type(active).__name__ == "Conv1D" else (shape[0], shape[1])
+
+
 def is_linear_like(module: nn.Module) -> bool:
     """Return whether ``module`` computes ``x W^T + b`` (nn.Linear, transformers' Conv1D, or PEFT around one)."""
     active = _active_module(module)

@@ -91,12 +91,11 @@ class FAMRun:
     hooks: list[Any] = field(default_factory=list)
     wrapped: dict[str, Any] = field(default_factory=dict)
 
-    def close(self) -> None:
-        """Remove the run's hooks from the model."""
+    def remove_hooks(self) -> None:
+        """Remove the run's loss hooks from the model (the probe stays: evaluation after training uses it)."""
         for handle in self.hooks:
             handle.remove()
         self.hooks.clear()
-        self.probe.remove()
 
     def add_to_window(self, **values: torch.Tensor) -> None:
         for key, value in values.items():

@@ -19,7 +19,7 @@ import torch
 from transformers import Trainer
 
 from .config import FAMTrainingArguments
-from .head import _active_module, linear_weight
+from .head import _active_module, head_shape
 from .probe import BatchFlatness, FlatnessProbe
 from .run import FAMRun, FAMRunStarter, FAMState, LossRecorder, auto_max_rows, record_model_loss
 from .sam import SAMMixin
@@ -77,23 +77,23 @@ class FAMMixin:
 
     def _fam_begin_run(self) -> None:
         """Build this run's FAM state from ``self.model`` and ``self.args`` as they are now (``on_train_begin``)."""
-        if self._fam_run is not None:
-            self._fam_run.close()
+        self._fam_end_run()  # a run that raised never reached on_train_end: undo what it set up
         self.args.check_fam_settings()  # a search trial sets its values without re-validating them
         if self._fam_probe is not None:
             self._fam_probe.remove()
             self._fam_probe = None  # settings may have changed since the last run
         probe = self.fam_probe()
-        head_weight = linear_weight(probe.head)[0]
         max_rows = self.args.fam_max_rows
-        probe.max_rows = auto_max_rows(self.model, tuple(head_weight.shape)) if max_rows == "auto" else max_rows
+        probe.max_rows = auto_max_rows(self.model, head_shape(probe.head)) if max_rows == "auto" else max_rows
         self._fam_run = run = FAMRun(
             probe=probe, fam_lambda=self._fam_resolved_lambda(), window_start=self.state.global_step
         )
         run.hooks.append(self.model.register_forward_hook(record_model_loss(run.raw_loss)))
         for name in ("compute_loss_func", "label_smoother"):
             loss_fn = getattr(self, name, None)
-            if loss_fn is not None and not isinstance(loss_fn, LossRecorder):
+            while isinstance(loss_fn, LossRecorder):  # left by a trainer pickled mid-run (a search worker)
+                loss_fn = loss_fn.loss_fn
+            if loss_fn is not None:
                 run.wrapped[name] = loss_fn
                 setattr(self, name, LossRecorder(loss_fn, run.raw_loss))
         self._fam_state().fam_lambda = run.fam_lambda
@@ -107,9 +107,7 @@ class FAMMixin:
             return
         for name, loss_fn in run.wrapped.items():
             setattr(self, name, loss_fn)
-        for handle in run.hooks:  # the probe stays, for evaluation after training
-            handle.remove()
-        run.hooks.clear()
+        run.remove_hooks()
 
     def _fam_state(self) -> FAMState:
         return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, FAMState))

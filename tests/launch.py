@@ -73,20 +73,20 @@ def python(script: str | Path, *args: str) -> list[str]:
 
 
 def torchrun(script: str | Path, *args: str, nproc: int = 2) -> list[str]:
-    """The command that runs ``script`` in ``nproc`` processes with this Python's torchrun, on a free local port."""
+    """The command that runs ``script`` in ``nproc`` processes with this Python's torchrun, on one machine.
+
+    ``--standalone`` lets torchrun's own rendezvous bind a free port itself, so no port is chosen here and then
+    taken by another process (a Ray instance's, say) before torchrun binds it.
+    """
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",
         "--nproc_per_node",
         str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
         str(script),
-        *map(str, args),
-    ]
+    ] + [str(arg) for arg in args]
 
 
 def run(

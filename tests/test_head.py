@@ -124,3 +124,18 @@ def test_finds_question_answering_and_multiple_choice_heads():
     mc = AutoModelForMultipleChoice.from_config(config)
     assert find_head(qa)[0] == "qa_outputs" and qa.qa_outputs.out_features == 2
     assert find_head(mc)[0] == "classifier" and mc.classifier.out_features == 1
+
+
+def test_head_shape_reads_the_declared_sizes_through_peft_and_conv1d():
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    from fam_hf.head import head_shape
+
+    assert head_shape(nn.Linear(3, 5)) == (5, 3)
+    assert head_shape(Conv1D(5, 3)) == (5, 3)  # transformers' Conv1D(nf=outputs, nx=inputs) stores (inputs, outputs)
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 7)), peft.LoraConfig(r=2, target_modules=["1"])
+    )
+    assert head_shape(model.base_model.model[1]) == (7, 3)

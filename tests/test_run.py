@@ -258,3 +258,29 @@ def test_fam_state_reads_back_from_a_trainer_state_json(tmp_path):
     state.save_to_json(tmp_path / "state.json")
     loaded = FAMState.saved(TrainerState.load_from_json(tmp_path / "state.json"))
     assert (loaded.fam_lambda, loaded.settings) == (0.25, {"fam_share": 0.01})
+
+
+def test_a_run_that_raised_leaves_nothing_behind_for_the_next(tmp_path):
+    """train() that fails never reaches on_train_end; the next run must undo its loss wrappers and hooks."""
+
+    def summed_loss(outputs, labels, num_items_in_batch=None):
+        return torch.nn.functional.cross_entropy(outputs["logits"], labels)
+
+    model = build("bert", "sequence")
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("inf")  # the first run stops on a non-finite penalty
+    trainer = FAMTrainer(
+        model=model,
+        args=sgd_args(tmp_path, fam_lambda=1.0),
+        train_dataset=as_dataset(batch_for(model)),
+        data_collator=collator(model.dtype),
+        compute_loss_func=summed_loss,
+    )
+    with pytest.raises(ValueError, match="penalty is"):
+        trainer.train()
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = 0.1
+    trainer.train()
+    assert trainer.compute_loss_func is summed_loss
+    assert not model._forward_hooks  # the run's loss hook is gone; only the probe's head hook remains
+    assert next(e for e in trainer.state.log_history if "loss" in e)["relative_flatness"] > 0
