@@ -30,7 +30,6 @@ QUESTION_ANSWERING = "question_answering"  # a softmax over positions, per start
 MULTIPLE_CHOICE = "multiple_choice"  # a softmax over the choices of each example
 KINDS = (CAUSAL_LM, SEQUENCE, TOKENS, QUESTION_ANSWERING, MULTIPLE_CHOICE)
 GROUPED_KINDS = (QUESTION_ANSWERING, MULTIPLE_CHOICE)
-_CAUSAL_LM, _SEQUENCE, _TOKENS = CAUSAL_LM, SEQUENCE, TOKENS
 
 # transformers' loss types (``PreTrainedModel.loss_type``, the keys of ``transformers.loss.loss_utils.LOSS_MAPPING``)
 # whose loss fam_hf reproduces. ``ForConditionalGeneration`` is decided by the config: see ``_kind_of_loss_type``.
@@ -171,7 +170,7 @@ class HeadTask:
         """
         if self.grouped:
             raise ValueError(f"A {self.kind} head's loss does not read rows of logits; use HeadTask.groups.")
-        if self.kind == _CAUSAL_LM and labels is not None:
+        if self.kind == CAUSAL_LM and labels is not None:
             shifted = inputs.get("shift_labels")
             if shifted is None:
                 shifted = nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
@@ -182,7 +181,7 @@ class HeadTask:
                     "positions only, as the model's own loss requires."
                 )
             return features, logits, shifted
-        if self.kind == _SEQUENCE and logits.dim() == 3:
+        if self.kind == SEQUENCE and logits.dim() == 3:
             index = self._last_token(inputs, logits)
             batch = torch.arange(logits.shape[0], device=logits.device)
             return features[batch, index], logits[batch, index], labels

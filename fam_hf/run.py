@@ -43,15 +43,11 @@ class FAMState(TrainerCallback, ExportableState):
 
     @classmethod
     def saved(cls, trainer_state: Any) -> FAMState | None:
-        """Return the FAM state stored in a ``TrainerState`` (as restored from a checkpoint), or ``None``."""
-        stored = (getattr(trainer_state, "stateful_callbacks", None) or {}).get(cls.__name__)
-        if isinstance(stored, list):
-            stored = stored[0] if stored else None
-        if isinstance(stored, ExportableState):
-            return stored
-        if not isinstance(stored, dict):
-            return None
-        return cls(**stored.get("args", {}))
+        """Return the FAM state stored in a ``TrainerState`` (as restored from a checkpoint), or ``None``.
+
+        ``TrainerState`` keeps each stateful callback as the dict its ``state()`` returned."""
+        stored = (trainer_state.stateful_callbacks or {}).get(cls.__name__)
+        return cls(**stored["args"]) if isinstance(stored, dict) else None
 
 
 class FAMRunStarter(TrainerCallback):
@@ -76,15 +72,16 @@ class FAMRun:
     """One training run's FAM state: the probe on that run's model, the lambda in use, the logging window.
 
     ``uses_num_items`` records whether the model's own loss divides by ``num_items_in_batch`` (decided once, on the
-    first batch that passes it); ``trainer_factor`` is the factor the Trainer last applied to the loss after the
-    model returned it (the number of processes when it averages tokens across devices).
+    first batch that passes it); ``trainer_factors`` the factor the Trainer applies to the loss after the model
+    returned it (the number of processes when it averages tokens across devices), read once for batches with and
+    once for batches without ``num_items_in_batch`` (keyed by whether it was given): it is constant within a run.
     """
 
     probe: FlatnessProbe
     fam_lambda: float | None
     window_start: int
     uses_num_items: bool | None = None
-    trainer_factor: torch.Tensor | float = 1.0
+    trainer_factors: dict[bool, torch.Tensor] = field(default_factory=dict)
     raw_loss: list[torch.Tensor] = field(default_factory=list)
     pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     window: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -97,11 +94,13 @@ class FAMRun:
             handle.remove()
         self.hooks.clear()
 
-    def add_to_window(self, **values: torch.Tensor) -> None:
-        for key, value in values.items():
-            value = value.detach()
-            value = value if value.dtype == torch.float64 else value.float()
-            self.window[key] = self.window[key] + value if key in self.window else value
+
+def add_to(sums: dict[str, torch.Tensor], **values: torch.Tensor) -> None:
+    """Add each value, detached and in at least float32, to ``sums[key]`` (a logging window, an evaluation's sums)."""
+    for key, value in values.items():
+        value = value.detach()
+        value = value if value.dtype == torch.float64 else value.float()
+        sums[key] = sums[key] + value if key in sums else value
 
 
 class LossRecorder:

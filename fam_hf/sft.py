@@ -67,12 +67,19 @@ class FAMSFTTrainer(FAMMixin, SAMMixin, SFTTrainer):
         self._fam_run.hooks.append(self.model.register_forward_hook(_record_token_loss_sum(self._fam_run.raw_loss)))
 
     def _fam_scale(self, run: FAMRun, loss: torch.Tensor, batch: BatchFlatness, num_items_in_batch) -> torch.Tensor:
-        """The returned loss over the sum of TRL's per-token losses: TRL's divisor and process factor at once."""
-        if run.raw_loss:
-            token_loss_sum = run.raw_loss[-1].to(loss.device)
-            if bool(token_loss_sum > 0):
-                run.trainer_factor = loss.detach() / token_loss_sum
-        return torch.as_tensor(run.trainer_factor, device=loss.device)
+        """The returned loss over the sum of TRL's per-token losses: TRL's divisor and process factor at once.
+
+        Both change with every batch's token count, so this is read on every step (without synchronizing). A
+        batch without a counted token has a zero sum and a zero penalty: its factor is 0.
+        """
+        if not run.raw_loss:
+            raise RuntimeError(
+                "FAMSFTTrainer: the model's output had no log_probs to normalize the penalty by; this TRL version's "
+                "fused LM head is not the one FAMSFTTrainer knows (TRL 1.x)."
+            )
+        token_loss_sum = run.raw_loss[-1].to(loss.device)
+        ratio = loss.detach() / token_loss_sum.clamp_min(torch.finfo(token_loss_sum.dtype).tiny)
+        return torch.where(token_loss_sum > 0, ratio, torch.zeros_like(ratio))
 
 
 def _record_token_loss_sum(record: list[torch.Tensor]):

@@ -21,7 +21,7 @@ from transformers import Trainer
 from .config import FAMTrainingArguments
 from .head import _active_module, head_shape
 from .probe import BatchFlatness, FlatnessProbe
-from .run import FAMRun, FAMRunStarter, FAMState, LossRecorder, auto_max_rows, record_model_loss
+from .run import FAMRun, FAMRunStarter, FAMState, LossRecorder, add_to, auto_max_rows, record_model_loss
 from .sam import SAMMixin
 
 logger = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ class FAMMixin:
             run.pending = None
             # what the Trainer did to the loss after compute_loss (divide by the accumulation steps, or not)
             factor = torch.where(total != 0, step_loss.detach().to(total.dtype) / total, torch.zeros_like(total))
-            run.add_to_window(task_loss=task_loss * factor, relative_flatness=penalty * factor)
+            add_to(run.window, task_loss=task_loss * factor, relative_flatness=penalty * factor)
         return step_loss
 
     def _fam_measure(self, model, inputs, return_outputs, num_items_in_batch):
@@ -215,7 +215,7 @@ class FAMMixin:
             )
         if not model.training:
             batch = self._fam_seen(seen, probe)
-            self._fam_accumulate(self._fam_eval_sums, total=batch.flatness.total, rows=batch.flatness.rows)
+            add_to(self._fam_eval_sums, total=batch.flatness.total, rows=batch.flatness.rows)
         return result
 
     def _fam_seen(self, seen: list[BatchFlatness], probe: FlatnessProbe) -> BatchFlatness:
@@ -274,13 +274,19 @@ class FAMMixin:
             or (self.model_accepts_loss_kwargs and (self.label_smoother is not None or bool(run.uses_num_items)))
         )
         divisor = _as_tensor(num_items_in_batch, rows) if divides_by_items else rows
-        if run.raw_loss:
-            raw = run.raw_loss[-1].to(loss.device)
-            factor = loss.detach() / raw
-            if bool(raw != 0) and bool(torch.isfinite(factor)):
-                run.trainer_factor = factor
-        factor = torch.as_tensor(run.trainer_factor, device=rows.device).to(rows.dtype)
-        return factor / divisor.to(rows.dtype)
+        return self._fam_trainer_factor(run, loss, num_items_in_batch is not None).to(rows) / divisor.to(rows.dtype)
+
+    def _fam_trainer_factor(self, run: FAMRun, loss: torch.Tensor, given_items: bool) -> torch.Tensor:
+        """The Trainer's factor after the model: the returned loss over the recorded one, read on the first batch
+        that shows it (a loss of 0 does not) and kept for the run, so later steps neither divide nor synchronize."""
+        factor = run.trainer_factors.get(given_items)
+        if factor is not None:
+            return factor
+        raw = run.raw_loss[-1].to(loss.device) if run.raw_loss else None
+        if raw is not None and bool(raw != 0):
+            run.trainer_factors[given_items] = factor = loss.detach() / raw
+            return factor
+        return torch.ones((), device=loss.device)
 
     def _fam_calibrate(self, task_loss: torch.Tensor, penalty: torch.Tensor) -> float:
         """Choose ``fam_lambda`` so the penalty is ``fam_share`` of the task loss on this (first) batch."""
@@ -306,13 +312,6 @@ class FAMMixin:
                 f"(epoch {self.state.epoch}): the head's logits or features overflowed. Lower learning_rate or "
                 "fam_lambda, use bf16 instead of fp16, or set fam_normalize=True."
             )
-
-    @staticmethod
-    def _fam_accumulate(sums: dict[str, torch.Tensor], **values: torch.Tensor) -> None:
-        for key, value in values.items():
-            value = value.detach()
-            value = value if value.dtype == torch.float64 else value.float()
-            sums[key] = sums[key] + value if key in sums else value
 
     # ---- logging, evaluation and checkpoints -------------------------------------------------------------------
 
