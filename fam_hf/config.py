@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .flatness import GRADIENT_MODES
+from .defaults import DEFAULT_MODE, DEFAULT_SHARE, GRADIENT_MODES, LOSSES
 
 FAM_FIELDS = (
     "fam_lambda",
@@ -99,7 +99,7 @@ class FAMTrainingArguments(TrainingArguments):
     )
     fam_normalize: bool = field(default=False, metadata={"help": "Divide relative flatness by the head's input width."})
     fam_gradient: str = field(
-        default="head",
+        default=DEFAULT_MODE,
         metadata={"help": "What the penalty trains: full, head (default) or weights.", "choices": list(GRADIENT_MODES)},
     )
     fam_loss: str = field(

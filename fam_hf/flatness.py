@@ -19,8 +19,8 @@ from typing import NamedTuple
 
 import torch
 
-LOSSES = ("cross_entropy", "mse", "bce")
-GRADIENT_MODES = ("full", "head", "weights")
+from .defaults import GRADIENT_MODES, LOSSES
+
 _GROUPED = "grouped_cross_entropy"  # internal: the softmax over each group's members, see grouped_flatness_sum
 
 LossFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]

@@ -1,0 +1,6 @@
+"""The FAM settings' names and defaults, in one torch-free module that the library and its tools both read."""
+
+GRADIENT_MODES = ("full", "head", "weights")  # what the penalty trains: see FAMTrainingArguments.fam_gradient
+LOSSES = ("cross_entropy", "mse", "bce")  # the losses with a closed form, and the names fam_loss accepts
+DEFAULT_MODE = "head"  # FAMTrainingArguments.fam_gradient
+DEFAULT_SHARE = 0.001  # FAMTrainingArguments.fam_share: the penalty's share of the first batch's task loss
