@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -34,11 +35,12 @@ class FAMTrainingArguments(TrainingArguments):
             loss there. The scale of relative flatness grows with the head's width and the size of its features
             (a BERT-base classifier starts near 100, a small ViT near 10), so no fixed number is a safe default
             across models, while a share of the loss is.
-        fam_share (`float`, *optional*, defaults to `0.001`):
-            With `fam_lambda=None`, the penalty's share of the task loss on the first training batch. Pilots on
-            held-out tasks found harm from 1% (`"full"`) or 10% (`"head"`, `"weights"`) upwards, no significant
-            gain anywhere, and a hint of one only at 0.1% on noisy labels; so 0.1% is the default, as the setting
-            least likely to hurt. `docs/benchmarks.md` has the evidence as it stands.
+        fam_share (`float` or `None`, *optional*, defaults to `None`, meaning `0.001`):
+            With `fam_lambda=None`, the penalty's share of the task loss on the first training batch, computed on
+            every row of that batch. Pilots on held-out tasks found harm from 1% (`"full"`) or 10% (`"head"`,
+            `"weights"`) upwards, no significant gain anywhere, and a hint of one only at 0.1% on noisy labels; so
+            0.1% is the default, as the setting least likely to hurt. `docs/benchmarks.md` has the evidence as it
+            stands. Setting it together with a nonzero `fam_lambda` is an error: the share would be ignored.
 
     Parameters that control what the penalty measures:
 
@@ -87,9 +89,12 @@ class FAMTrainingArguments(TrainingArguments):
             "so that the penalty is fam_share of the task loss."
         },
     )
-    fam_share: float = field(
-        default=0.001,
-        metadata={"help": "With fam_lambda unset: the penalty's share of the task loss on the first training batch."},
+    fam_share: float | None = field(
+        default=None,
+        metadata={
+            "help": f"With fam_lambda unset: the penalty's share of the task loss on the first training batch "
+            f"(default {DEFAULT_SHARE:g})."
+        },
     )
     fam_layer: str | None = field(
         default=None,
@@ -106,7 +111,7 @@ class FAMTrainingArguments(TrainingArguments):
         default="auto",
         metadata={
             "help": "Loss whose Hessian defines the penalty: auto, cross_entropy, mse or bce.",
-            "choices": ["auto", "cross_entropy", "mse", "bce"],
+            "choices": ["auto", *LOSSES],
         },
     )
 
@@ -136,20 +141,31 @@ class FAMTrainingArguments(TrainingArguments):
         Also called when each training run starts, because a hyperparameter-search trial writes its values onto
         the arguments without running ``__post_init__``.
         """
-        if self.fam_lambda is not None and not self.fam_lambda >= 0:
-            raise ValueError(f"fam_lambda must be >= 0 (0 switches FAM off); got {self.fam_lambda}.")
-        if not self.fam_share > 0:
+        if self.fam_lambda is not None and not (math.isfinite(self.fam_lambda) and self.fam_lambda >= 0):
+            raise ValueError(f"fam_lambda must be a finite number >= 0 (0 switches FAM off); got {self.fam_lambda}.")
+        if self.fam_share is not None and not (math.isfinite(self.fam_share) and self.fam_share > 0):
             raise ValueError(f"fam_share must be > 0; got {self.fam_share}. Use fam_lambda=0 to switch FAM off.")
+        if self.fam_share is not None and self.fam_lambda:
+            raise ValueError(
+                f"fam_lambda={self.fam_lambda} and fam_share={self.fam_share} are both set, and a given fam_lambda "
+                "ignores the share. Set one: fam_lambda for a fixed weight, or fam_share (with fam_lambda unset) for "
+                "a weight calibrated on the first batch."
+            )
         self.fam_max_rows = _parse_max_rows(self.fam_max_rows)
         if not self.sam_rho >= 0:
             raise ValueError(f"sam_rho must be >= 0 (0 switches SAM off); got {self.sam_rho}.")
         if self.fam_gradient not in GRADIENT_MODES:
             raise ValueError(f"fam_gradient must be one of {GRADIENT_MODES}; got {self.fam_gradient!r}.")
-        if self.fam_loss not in ("auto", "cross_entropy", "mse", "bce"):
+        if self.fam_loss not in ("auto", *LOSSES):
             raise ValueError(
                 f"fam_loss must be 'auto', 'cross_entropy', 'mse' or 'bce'; got {self.fam_loss!r}. "
                 "For another loss, call fam_hf.relative_flatness with a callable loss."
             )
+
+    @property
+    def resolved_fam_share(self) -> float:
+        """The share ``fam_lambda=None`` calibrates to: ``fam_share``, or the default when it is unset."""
+        return DEFAULT_SHARE if self.fam_share is None else self.fam_share
 
     def fam_settings(self) -> dict:
         """Return the FAM fields as a plain dict, as saved beside checkpoints."""

@@ -7,8 +7,12 @@ layer runs (see :mod:`fam_hf.probe`).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 # Attributes that hold classification heads, tried in order. A container resolves to its ``out_proj`` (RoBERTa,
 # BART) or to the last linear layer of a Sequential (ResNet).
@@ -78,6 +82,29 @@ def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
         f"The head is a {type(active).__name__}, not a linear layer; relative flatness needs z = W phi + b. "
         "Set fam_layer to the nn.Linear that produces the logits."
     )
+
+
+def check_effective_weight(module: nn.Module, name: str, penalize: bool) -> None:
+    """Refuse a head whose PEFT adapter makes its weight something other than ``base + sum of LoRA deltas``.
+
+    DoRA rescales each column of ``base + B A`` to a learned magnitude, a weight :func:`linear_weight` does not
+    reproduce; measuring (``penalize=False``) only warns that the flatness is that of ``base + B A``.
+    """
+    active = _active_module(module)
+    if not _is_lora_layer(active) or active.disable_adapters or active.merged:
+        return
+    dora = [a for a in active.active_adapters if getattr(active, "use_dora", {}).get(a, False)]
+    if not dora:
+        return
+    message = (
+        f"The head {name!r} has a DoRA adapter ({dora[0]!r}): its weight is a learned magnitude times the normalized "
+        "columns of base + B A, which fam_hf does not reproduce, so the penalty would be the relative flatness of "
+        "another weight. Use LoRA without use_dora on the head, put the head in PEFT's modules_to_save, or keep "
+        "DoRA on the backbone only with fam_gradient='full'."
+    )
+    if penalize:
+        raise ValueError(message)
+    logger.warning("%s Measuring only (fam_lambda=0): relative_flatness is that of base + B A.", message)
 
 
 def head_shape(module: nn.Module) -> tuple[int, int]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .flatness import FlatnessSum, at_least_float32, grouped_flatness_sum, head_flatness_sum
+from .flatness import CHUNK_ELEMENTS, FlatnessSum, at_least_float32, grouped_flatness_sum, head_flatness_sum
 from .head import _base_model, find_head, linear_weight
 from .rows import IGNORE_INDEX, GroupedRows, HeadTask, sample_rows
 
@@ -38,6 +38,7 @@ class BatchFlatness:
     task_loss: torch.Tensor | None = None
     correct: torch.Tensor | None = None
     kind: str | None = None
+    dtype: torch.dtype = torch.float32  # the precision the head's logits were computed in
 
 
 class FlatnessProbe:
@@ -49,9 +50,14 @@ class FlatnessProbe:
 
     ``fused=True`` is for causal LMs whose forward never runs the head (TRL's fused LM head): the probe then
     watches the backbone's last hidden state and computes the logits chunk by chunk from the head's weight.
-    ``max_rows`` estimates the training penalty from that many random counted rows per batch (unbiased, from
-    its own generator seeded by ``seed``), or from ``max_rows(counted)`` rows when it is a callable (a budget that
-    follows the batch); measurements with ``sample=False`` always use every row.
+    ``max_rows`` estimates the training penalty from that many random counted rows per batch (unbiased), or from
+    ``max_rows(counted)`` rows when it is a callable (a budget that follows the batch); measurements with
+    ``sample=False`` always use every row. Draw ``n`` comes from a generator seeded by ``(seed, stream, n)``, so a
+    process (``stream``, its rank) has its own stream, and ``draws`` is all a checkpoint needs to continue it.
+
+    A model whose config documents a factor between the head's output and its logits (``logit_scale``,
+    ``logits_scaling``: :func:`fam_hf.rows.documented_logit_scale`) is measured as the head ``scale * W``, the
+    layer whose output the loss reads.
     """
 
     def __init__(
@@ -63,12 +69,16 @@ class FlatnessProbe:
         fused: bool = False,
         max_rows: int | Callable[[int], int] | None = None,
         seed: int = 0,
+        stream: int = 0,
     ) -> None:
         self.head_name, self.head = find_head(model, head)
         self.normalize = normalize
         self.fused = fused
         self.max_rows = max_rows
-        self._generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.stream = stream
+        self.draws = 0
+        self._generator = torch.Generator()
         linear_weight(self.head)  # fail now, with a clear message, if the head is not linear
         self.task = HeadTask.from_model(model, loss=loss)
         self._request: dict[str, Any] | None = None
@@ -87,8 +97,14 @@ class FlatnessProbe:
         gradient: str | None,
         with_task: bool = False,
         sample: bool = False,
+        label_smoothing: float = 0.0,
     ) -> Iterator[list[BatchFlatness]]:
-        """Measure the next forward pass of the head; yields a list that then holds one :class:`BatchFlatness`."""
+        """Measure the next forward pass of the head; yields a list that then holds one :class:`BatchFlatness`.
+
+        ``with_task`` also sums the task loss over the loss's rows (with ``label_smoothing``, the Trainer's
+        ``LabelSmoother``), as the loss reads them from the head's output: the certificate compares it with the
+        model's own loss.
+        """
         results: list[BatchFlatness] = []
         self._request = {
             "inputs": inputs,
@@ -96,6 +112,7 @@ class FlatnessProbe:
             "gradient": gradient,
             "with_task": with_task,
             "sample": sample,
+            "label_smoothing": label_smoothing,
             "results": results,
         }
         try:
@@ -127,29 +144,48 @@ class FlatnessProbe:
             weight, bias = linear_weight(module)
         grad_context = contextlib.nullcontext() if request["gradient"] else torch.no_grad()
         with grad_context:
-            request["results"].append(self._measure(weight, bias, features, logits, request))
+            result = self._measure(weight, bias, features, logits, request)
+        result.dtype = _logits_dtype(logits, features)
+        request["results"].append(result)
 
     def _measure(self, weight, bias, features, logits, request) -> BatchFlatness:
         if self.task.grouped:
             return self._measure_groups(weight, bias, features, logits, request)
         features, logits, labels = self.task.select(features, logits, request["inputs"], request["labels"])
         loss = self.task.loss_for(labels)
+        flatness = self._flatness(weight, bias, features, logits, labels, loss, request)
+        result = BatchFlatness(flatness, loss, kind=self.task.kind)
+        if request["with_task"] and labels is not None:
+            smoothing = request["label_smoothing"]
+            if logits is None:
+                result.task_loss = _fused_task_sum(self.task, weight, bias, features, labels)
+            else:
+                result.task_loss, result.correct = _task_sums(self.task.transform(logits.detach()), labels, loss, smoothing)
+        return result
+
+    def _flatness(self, weight, bias, features, logits, labels, loss, request) -> FlatnessSum:
+        """The penalty's sum over the loss's rows, or its unbiased estimate from a sample of them."""
+        scale = self.task.logit_scale
+        if scale is not None:
+            weight = weight * scale
+            bias = None if bias is None else bias * scale
+            logits = None if logits is None else logits * scale
         counted = None
         if request["sample"] and self.max_rows:
-            drawn = sample_rows(features, logits, labels, self.max_rows, self._generator)
+            drawn = sample_rows(features, logits, labels, self.max_rows, self._next_generator())
             counted = drawn[3]
         rows = (features, logits, labels) if counted is None else drawn[:3]
         flatness = head_flatness_sum(request["gradient"], weight, bias, *rows, loss=loss, softcap=self.task.softcap)
         if counted is not None:
             total_rows = torch.tensor(counted, device=flatness.rows.device, dtype=flatness.rows.dtype)
             flatness = FlatnessSum(flatness.total * (counted / drawn[0].shape[0]), total_rows)
-        result = BatchFlatness(self._normalized(flatness, weight), loss, kind=self.task.kind)
-        if request["with_task"] and labels is not None and logits is not None:
-            task_logits = logits.detach()
-            if self.task.softcap is not None:
-                task_logits = self.task.softcap * torch.tanh(at_least_float32(task_logits) / self.task.softcap)
-            result.task_loss, result.correct = _task_sums(task_logits, labels, loss)
-        return result
+        return self._normalized(flatness, weight)
+
+    def _next_generator(self) -> torch.Generator:
+        """The generator for the next row sample: seeded by ``(seed, stream, draws)``, then ``draws`` moves on."""
+        self._generator.manual_seed(hash((self.seed, self.stream, self.draws)) & 0x7FFF_FFFF_FFFF_FFFF)
+        self.draws += 1
+        return self._generator
 
     def _measure_groups(self, weight, bias, features, logits, request) -> BatchFlatness:
         """Question answering or multiple choice: a softmax over each example's positions or choices.
@@ -172,20 +208,32 @@ class FlatnessProbe:
         return FlatnessSum(flatness.total / weight.shape[-1], flatness.rows) if self.normalize else flatness
 
 
+def _logits_dtype(logits: torch.Tensor | None, features: torch.Tensor) -> torch.dtype:
+    """The precision of the head's logits: their dtype, or autocast's where a fused head never materialized them."""
+    if logits is not None:
+        return logits.dtype
+    device = features.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else features.dtype
+
+
 def _full_tensor(tensor: torch.Tensor | None) -> torch.Tensor | None:
     """Gather a DTensor (a head sharded by FSDP2 outside its own forward) into a whole tensor."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def _task_sums(logits: torch.Tensor, labels: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _task_sums(
+    logits: torch.Tensor, labels: torch.Tensor, loss: str, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Return the un-averaged task loss over the counted rows and, for hard labels, the number of correct rows."""
     rows = at_least_float32(logits).reshape(-1, logits.shape[-1])
     if loss == "cross_entropy":
         if labels.is_floating_point():
             targets = labels.to(rows.dtype).reshape(rows.shape)
-            return F.cross_entropy(rows, targets, reduction="sum"), None
+            return F.cross_entropy(rows, targets, reduction="sum", label_smoothing=label_smoothing), None
         targets = labels.reshape(-1)
-        total = F.cross_entropy(rows, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        total = F.cross_entropy(
+            rows, targets, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing
+        )
         counted = targets != IGNORE_INDEX
         return total, (rows.argmax(-1).eq(targets) & counted).sum()
     targets = labels.to(rows.dtype).reshape(rows.shape)
@@ -193,6 +241,27 @@ def _task_sums(logits: torch.Tensor, labels: torch.Tensor, loss: str) -> tuple[t
         return F.mse_loss(rows, targets, reduction="sum") / rows.shape[-1], None
     total = F.binary_cross_entropy_with_logits(rows, targets, reduction="sum") / rows.shape[-1]
     return total, ((rows > 0) == (targets > 0.5)).all(-1).sum()
+
+
+def _fused_task_sum(
+    task: HeadTask, weight: torch.Tensor, bias: torch.Tensor | None, features: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Return the cross-entropy summed over the counted rows of a head whose logits were never materialized.
+
+    The logits are computed chunk by chunk from the features, as a fused LM head does, and transformed as the
+    model's loss reads them; nothing of the size of the whole batch's logits is held at once.
+    """
+    width = weight.shape[0]
+    features = features.detach().reshape(-1, features.shape[-1])
+    targets = labels.reshape(-1)
+    counted = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
+    weight = weight.detach()
+    bias = None if bias is None else bias.detach()
+    total = features.new_zeros((), dtype=at_least_float32(features).dtype)
+    for chunk in counted.split(max(1, CHUNK_ELEMENTS // width)):
+        logits = F.linear(features[chunk].to(weight.dtype), weight, bias)
+        total = total + F.cross_entropy(task.transform(logits), targets[chunk], reduction="sum")
+    return total
 
 
 def _grouped_task_sums(groups: GroupedRows) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .flatness import at_least_float32
+
 IGNORE_INDEX = -100
 
 CAUSAL_LM = "causal_lm"  # position t predicts label t + 1
@@ -93,7 +95,8 @@ class HeadTask:
     problem_type: str | None = None
     num_labels: int | None = None
     pad_token_id: int | None = None
-    softcap: float | None = None  # Gemma-2's final logit soft-capping, applied after the head
+    logit_scale: float | None = None  # a multiplier the model applies to the head's output (Granite, Cohere, ...)
+    softcap: float | None = None  # Gemma-2's final logit soft-capping, applied after the head (and the scale)
 
     @classmethod
     def from_model(cls, model: nn.Module, loss: str | None = None) -> HeadTask:
@@ -138,8 +141,18 @@ class HeadTask:
             problem_type=getattr(config, "problem_type", None),
             num_labels=getattr(config, "num_labels", None),
             pad_token_id=getattr(text_config, "pad_token_id", None),
+            logit_scale=documented_logit_scale(text_config),
             softcap=getattr(text_config, "final_logit_softcapping", None),
         )
+
+    def transform(self, logits: torch.Tensor) -> torch.Tensor:
+        """Return what the loss reads from the head's output: scaled, then soft-capped, in at least float32."""
+        logits = at_least_float32(logits)
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
 
     @property
     def grouped(self) -> bool:
@@ -258,6 +271,27 @@ class HeadTask:
                 counted = torch.ones(logits.shape[0], 1, dtype=torch.bool, device=logits.device)
             return _grouped(features, logits, targets, counted, (1.0,), rows=None)
         raise ValueError(f"A {self.kind} head's loss reads rows of logits; use HeadTask.select.")
+
+
+def documented_logit_scale(config: Any) -> float | None:
+    """Return the factor a model's config documents between its head's output and the logits its loss reads.
+
+    Cohere multiplies the head's output by ``logit_scale``, Falcon-H1 by ``lm_head_multiplier`` (and Muse Glimmer
+    by ``output_multiplier``); Granite divides it by ``logits_scaling``, which HyperCLOVA X multiplies by instead.
+    TRL's fused LM head reads the same settings in the same order. ``None`` when the config documents none (or
+    documents a factor of 1). A family that scales its logits without documenting it here is caught by the
+    certificate (:mod:`fam_hf.certificate`), which compares the loss this implies with the model's own.
+    """
+    if config is None:
+        return None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return None if value == 1 else float(value)
+    scaling = getattr(config, "logits_scaling", None)
+    if isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and scaling != 1:
+        return float(scaling) if getattr(config, "model_type", None) == "hyperclovax" else 1.0 / float(scaling)
+    return None
 
 
 def task_kind(model: nn.Module) -> tuple[str | None, str]:

@@ -27,19 +27,26 @@ AUTO_ROWS_MINIMUM = 32
 
 
 class FAMState(TrainerCallback, ExportableState):
-    """What a checkpoint must carry for FAM: the resolved ``fam_lambda`` and the settings it was resolved under.
+    """What a checkpoint must carry for FAM: the resolved ``fam_lambda``, the settings it was resolved under, and
+    how far the row-sampling stream has gone (``draws``).
 
     The Trainer saves every ``ExportableState`` callback in ``trainer_state.json``; a resumed run reads it back
     from the restored ``TrainerState`` (see :meth:`saved`), so a calibrated lambda is never recalibrated on a
-    later batch.
+    later batch and the row samples continue where they stopped. Every process draws the same number of samples
+    (one per training forward pass), so the count saved by the main process is every process's.
     """
 
-    def __init__(self, fam_lambda: float | None = None, settings: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, fam_lambda: float | None = None, settings: dict[str, Any] | None = None, draws: int = 0
+    ) -> None:
         self.fam_lambda = fam_lambda
         self.settings = dict(settings or {})
+        self.draws = draws
+        self.probe: FlatnessProbe | None = None  # the probe of the run in progress, whose draws are saved
 
     def state(self) -> dict[str, Any]:
-        return {"args": {"fam_lambda": self.fam_lambda, "settings": self.settings}, "attributes": {}}
+        draws = self.probe.draws if self.probe is not None else self.draws
+        return {"args": {"fam_lambda": self.fam_lambda, "settings": self.settings, "draws": draws}, "attributes": {}}
 
     @classmethod
     def saved(cls, trainer_state: Any) -> FAMState | None:
@@ -121,6 +128,8 @@ class LossRecorder:
         return value
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("loss_fn", "_record"):
+            raise AttributeError(name)  # not set yet (pickle and deepcopy build the object without __init__)
         return getattr(self.loss_fn, name)
 
 

@@ -32,6 +32,7 @@ class SAMMixin:
         rho = float(getattr(self.args, "sam_rho", 0.0) or 0.0)
         if rho <= 0:
             return super().training_step(model, inputs, num_items_in_batch, *args)
+        check_sam(self)
         pending = self.__dict__.setdefault("_sam_micro_batches", [])
         pending.append((dict(inputs), num_items_in_batch))
         loss = super().training_step(model, inputs, num_items_in_batch, *args)
@@ -47,13 +48,35 @@ class SAMMixin:
             return
         perturbation = sam_perturbation(params, rho)
         with torch.no_grad():
+            weights = [p.detach().clone() for p in params]  # w + e - e is not w in bf16 or fp16: restore by copy
             torch._foreach_add_(params, perturbation)
         for p in params:
             p.grad = None
         for inputs, num_items in micro_batches:
             super().training_step(model, inputs, num_items, *args)
         with torch.no_grad():
-            torch._foreach_sub_(params, perturbation)
+            torch._foreach_copy_(params, weights)
+
+
+def check_sam(trainer: Any) -> None:
+    """Refuse ``sam_rho > 0`` where a SAM step cannot happen, instead of training plainly under the SAM name.
+
+    SAM needs a second forward and backward between the first backward and the optimizer step: a trainer without
+    :class:`SAMMixin` never runs it, and DeepSpeed's engine takes the optimizer step inside ``backward()``.
+    """
+    if not float(getattr(trainer.args, "sam_rho", 0.0) or 0.0) > 0:
+        return
+    if not isinstance(trainer, SAMMixin):
+        raise ValueError(
+            f"sam_rho={trainer.args.sam_rho} needs SAMMixin in {type(trainer).__name__}'s bases, or it would train "
+            "plainly: class MyTrainer(FAMMixin, SAMMixin, BaseTrainer). Or set sam_rho=0."
+        )
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        raise ValueError(
+            f"sam_rho={trainer.args.sam_rho} cannot run under DeepSpeed: its engine takes the optimizer step inside "
+            "backward(), before SAM's second pass, so every step would be a plain one. Use SAM with DDP or FSDP2 "
+            "(recipes/accelerate/multi_gpu.yaml, fsdp2.yaml), or set sam_rho=0 under DeepSpeed."
+        )
 
 
 def sam_perturbation(params: list[torch.nn.Parameter], rho: float) -> list[torch.Tensor]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from trl import SFTConfig, SFTTrainer
 
+from .certificate import LossCheck, coarser, describe_loss
 from .config import FAMTrainingArguments
 from .head import _active_module, _is_lora_layer
 from .probe import BatchFlatness
@@ -66,6 +67,23 @@ class FAMSFTTrainer(FAMMixin, SAMMixin, SFTTrainer):
             )
         self._fam_run.hooks.append(self.model.register_forward_hook(_record_token_loss_sum(self._fam_run.raw_loss)))
 
+    def _fam_training_check(self, run: FAMRun, batch: BatchFlatness, loss: torch.Tensor, num_items) -> LossCheck | None:
+        """TRL's loss is its per-token losses' sum, divided and scaled as TRL decides: certify the sum itself."""
+        if batch.task_loss is None or not bool(batch.flatness.rows > 0):
+            return None
+        if not run.raw_loss:
+            self._fam_no_log_probs()
+        description = describe_loss(self.fam_probe().task, batch.loss, 0.0, "nothing (the sum itself)")
+        source = "TRL's fused LM head (the sum of -log_probs)"
+        returned = run.raw_loss[-1]
+        return LossCheck(float(batch.task_loss), float(returned), description, source, coarser(batch.dtype, returned.dtype))
+
+    def _fam_no_log_probs(self) -> None:
+        raise RuntimeError(
+            "FAMSFTTrainer: the model's output had no log_probs to normalize the penalty by; this TRL version's "
+            "fused LM head is not the one FAMSFTTrainer knows (TRL 1.x)."
+        )
+
     def _fam_scale(self, run: FAMRun, loss: torch.Tensor, batch: BatchFlatness, num_items_in_batch) -> torch.Tensor:
         """The returned loss over the sum of TRL's per-token losses: TRL's divisor and process factor at once.
 
@@ -73,10 +91,7 @@ class FAMSFTTrainer(FAMMixin, SAMMixin, SFTTrainer):
         batch without a counted token has a zero sum and a zero penalty: its factor is 0.
         """
         if not run.raw_loss:
-            raise RuntimeError(
-                "FAMSFTTrainer: the model's output had no log_probs to normalize the penalty by; this TRL version's "
-                "fused LM head is not the one FAMSFTTrainer knows (TRL 1.x)."
-            )
+            self._fam_no_log_probs()
         token_loss_sum = run.raw_loss[-1].to(loss.device)
         ratio = loss.detach() / token_loss_sum.clamp_min(torch.finfo(token_loss_sum.dtype).tiny)
         return torch.where(token_loss_sum > 0, ratio, torch.zeros_like(ratio))

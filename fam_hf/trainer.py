@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from .certificate import LossCheck, coarser, describe_loss, settle
 from .config import FAMTrainingArguments
-from .head import _active_module, head_shape
+from .head import _active_module, check_effective_weight, head_shape
 from .probe import BatchFlatness, FlatnessProbe
 from .run import FAMRun, FAMRunStarter, FAMState, LossRecorder, add_to, auto_max_rows, record_model_loss
-from .sam import SAMMixin
+from .sam import SAMMixin, check_sam
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,14 @@ class FAMMixin:
                 "TrainingArguments(...) with fam_hf.FAMTrainingArguments(...) (same fields, plus fam_*)."
             )
         check_sharding(self.accelerator)
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                f"FAM does not support torch.nn.DataParallel (n_gpu={self.args.n_gpu}): it replicates the model on "
+                "every step, so the head's hook runs once per replica on a slice of the batch and the penalty cannot "
+                "be matched to the loss. Launch one process per GPU instead (torchrun or accelerate launch: "
+                "DistributedDataParallel), or make one GPU visible (CUDA_VISIBLE_DEVICES=0)."
+            )
+        self._fam_certified: set[str] = set()
         self._fam_probe: FlatnessProbe | None = None
         self._fam_probe_model: torch.nn.Module | None = None
         self._fam_run: FAMRun | None = None
@@ -71,7 +80,9 @@ class FAMMixin:
                 normalize=self.args.fam_normalize,
                 fused=self.fam_fused_head,
                 seed=self.args.seed,
+                stream=self.args.process_index,
             )
+            self._fam_certified = set()
             logger.info("FAM: watching the relative flatness of head %r", self._fam_probe.head_name)
         return self._fam_probe
 
@@ -82,9 +93,13 @@ class FAMMixin:
         if self._fam_probe is not None:
             self._fam_probe.remove()
             self._fam_probe = None  # settings may have changed since the last run
+        check_sam(self)
         probe = self.fam_probe()
+        check_effective_weight(probe.head, probe.head_name, self.args.fam_lambda != 0)
         max_rows = self.args.fam_max_rows
         probe.max_rows = auto_max_rows(self.model, head_shape(probe.head)) if max_rows == "auto" else max_rows
+        saved = FAMState.saved(self.state) if self.state.global_step > 0 else None
+        probe.draws = saved.draws if saved is not None else 0  # continue the row-sampling stream where it stopped
         self._fam_run = run = FAMRun(
             probe=probe, fam_lambda=self._fam_resolved_lambda(), window_start=self.state.global_step
         )
@@ -96,8 +111,8 @@ class FAMMixin:
             if loss_fn is not None:
                 run.wrapped[name] = loss_fn
                 setattr(self, name, LossRecorder(loss_fn, run.raw_loss))
-        self._fam_state().fam_lambda = run.fam_lambda
-        self._fam_state().settings = self.args.fam_settings()
+        state = self._fam_state()
+        state.fam_lambda, state.settings, state.probe = run.fam_lambda, self.args.fam_settings(), probe
         if run.fam_lambda != 0:
             self._fam_check_reach(probe)
 
@@ -161,10 +176,16 @@ class FAMMixin:
         if not model.training or run is None:
             return self._fam_measure(model, inputs, return_outputs, num_items_in_batch)
         penalize = run.fam_lambda != 0
+        certify = "training" not in self._fam_certified
         sentinel = self._fam_sentinel(run, num_items_in_batch)
         run.raw_loss.clear()
         with run.probe.watch(
-            inputs, self._fam_labels(inputs), gradient=self.args.fam_gradient if penalize else None, sample=True
+            inputs,
+            self._fam_labels(inputs),
+            gradient=self.args.fam_gradient if penalize else None,
+            sample=run.fam_lambda is not None,  # a calibration uses every row of its batch
+            with_task=certify,
+            label_smoothing=self._fam_label_smoothing(),
         ) as seen:
             result = super().compute_loss(
                 model,
@@ -179,9 +200,11 @@ class FAMMixin:
             run.uses_num_items = used is not None
             if not run.uses_num_items:
                 self._fam_warn_ignored_num_items()
+        if certify:
+            self._fam_certify("training", self._fam_training_check(run, batch, loss, num_items_in_batch), penalize)
         penalty = batch.flatness.total * self._fam_scale(run, loss, batch, num_items_in_batch)
         if penalize:
-            self._fam_check_finite(penalty)
+            self._fam_check_finite(penalty, loss)
         if run.fam_lambda is None:
             run.fam_lambda = self._fam_calibrate(loss.detach(), penalty.detach())
             self._fam_state().fam_lambda = run.fam_lambda
@@ -209,14 +232,76 @@ class FAMMixin:
     def _fam_measure(self, model, inputs, return_outputs, num_items_in_batch):
         """Evaluation (or a call outside a training run): the Trainer's loss, and the penalty measured beside it."""
         probe = self.fam_probe()
-        with probe.watch(inputs, self._fam_labels(inputs), gradient=None) as seen:
+        certify = not model.training and "evaluation" not in self._fam_certified
+        labels = self._fam_labels(inputs)
+        smoothing = self._fam_label_smoothing()
+        with probe.watch(inputs, labels, gradient=None, with_task=certify, label_smoothing=smoothing) as seen:
             result = super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
         if not model.training:
             batch = self._fam_seen(seen, probe)
             add_to(self._fam_eval_sums, total=batch.flatness.total, rows=batch.flatness.rows)
+            loss = result[0] if return_outputs else result
+            if certify and isinstance(loss, torch.Tensor):
+                check = self._fam_check(batch, loss.detach(), None, self._fam_loss_source(recorded=False))
+                self._fam_certify("evaluation", check, penalize=self.args.fam_lambda != 0)
         return result
+
+    # ---- the certificate: the loss the penalty differentiates is the model's ----------------------------------
+
+    def _fam_training_check(self, run: FAMRun, batch: BatchFlatness, loss: torch.Tensor, num_items) -> LossCheck | None:
+        """The first training batch's check: the recomputed loss against the loss before the Trainer rescaled it."""
+        divisor = num_items if num_items is not None and run.uses_num_items else None
+        returned = run.raw_loss[-1] if run.raw_loss else loss.detach()
+        return self._fam_check(batch, returned, divisor, self._fam_loss_source(recorded=bool(run.raw_loss)))
+
+    def _fam_check(
+        self, batch: BatchFlatness, returned: torch.Tensor, divisor: torch.Tensor | float | None, source: str
+    ) -> LossCheck | None:
+        """Return the :class:`LossCheck` of one batch, or ``None`` when it has no counted row or its loss overflowed
+        (nothing to compare: the next batch is checked instead)."""
+        if not bool(torch.isfinite(returned)):
+            return None
+        task = self.fam_probe().task
+        smoothing = self._fam_label_smoothing() if batch.loss == "cross_entropy" else 0.0
+        what = "num_items_in_batch (the counted rows of the whole accumulated batch)" if divisor is not None else (
+            "the batch's counted rows"
+        )
+        description = describe_loss(task, batch.loss, smoothing, what)
+        dtype = coarser(batch.dtype, returned.dtype) if returned.is_floating_point() else batch.dtype
+        if batch.task_loss is None:
+            description = "nothing: the batch has no labels for the head's loss"
+            return LossCheck(float("nan"), float(returned), description, source, dtype)
+        rows = batch.flatness.rows
+        if not bool(rows > 0):
+            return None
+        assumed = batch.task_loss / (rows if divisor is None else _as_tensor(divisor, rows).to(rows.dtype))
+        return LossCheck(float(assumed), float(returned), description, source, dtype)
+
+    def _fam_certify(self, where: str, check: LossCheck | None, penalize: bool) -> None:
+        """Settle one batch's check on every process alike: certified, refused, or to be checked on a later batch."""
+        flags = torch.tensor(
+            [float(check is not None and not check.agrees), float(check is None)], device=self.args.device
+        )
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        mismatched, missing = (bool(flag > 0) for flag in flags)
+        if settle(check, mismatched, missing, penalize, where, self.fam_probe().head_name):
+            self._fam_certified.add(where)
+
+    def _fam_loss_source(self, recorded: bool) -> str:
+        """Name what produced the loss the certificate compares with."""
+        if self.compute_loss_func is not None:
+            return "compute_loss_func"
+        if self.label_smoother is not None:
+            return "the Trainer's label smoother"
+        if recorded or type(self).compute_loss is FAMMixin.compute_loss:
+            return f"the model ({type(self.accelerator.unwrap_model(self.model)).__name__})"
+        return f"{type(self).__name__}.compute_loss"
+
+    def _fam_label_smoothing(self) -> float:
+        return float(getattr(self.label_smoother, "epsilon", 0.0) or 0.0) if self.label_smoother is not None else 0.0
 
     def _fam_seen(self, seen: list[BatchFlatness], probe: FlatnessProbe) -> BatchFlatness:
         if not seen:
@@ -234,16 +319,11 @@ class FAMMixin:
     def _fam_sentinel(self, run: FAMRun, num_items_in_batch) -> torch.Tensor | None:
         """A stand-in for ``num_items_in_batch`` whose use by the model's loss shows in the loss's graph.
 
-        Passed once, on the first batch where the model receives ``num_items_in_batch``: same value, as a float
-        tensor that requires grad, so ``d loss / d num_items`` exists exactly when the model's loss divides by it.
+        Passed once, on the first batch that has ``num_items_in_batch``: same value, as a float tensor that requires
+        grad, so ``d loss / d num_items`` exists exactly when the loss divides by it, whichever computed it (the
+        model, a ``compute_loss_func`` or the label smoother: the Trainer hands each the count).
         """
-        if (
-            run.uses_num_items is not None
-            or num_items_in_batch is None
-            or not self.model_accepts_loss_kwargs
-            or self.compute_loss_func is not None
-            or self.fam_fused_head
-        ):
+        if run.uses_num_items is not None or num_items_in_batch is None or self.fam_fused_head:
             return None
         value = num_items_in_batch if isinstance(num_items_in_batch, torch.Tensor) else torch.tensor(num_items_in_batch)
         return value.detach().to(self.args.device, torch.float32).requires_grad_(True)
@@ -263,16 +343,13 @@ class FAMMixin:
     def _fam_scale(self, run: FAMRun, loss: torch.Tensor, batch: BatchFlatness, num_items_in_batch) -> torch.Tensor:
         """Return what turns the penalty's row sum into the units of the returned loss: ``trainer_factor / divisor``.
 
-        The divisor is what the loss was divided by: ``num_items_in_batch`` when the model's loss uses it (read
-        off its graph), or a ``compute_loss_func`` or label smoother receives it (the Trainer's contract for them);
-        otherwise the batch's own counted rows. The Trainer's factor is the returned loss over the loss as the
-        model (or loss function) returned it.
+        The divisor is what the loss was divided by: ``num_items_in_batch`` when the loss uses it (read off its
+        graph, whichever computed it), otherwise the batch's own counted rows; the certificate checked this on the
+        first batch. The Trainer's factor is the returned loss over the loss as the model (or loss function)
+        returned it.
         """
         rows = batch.flatness.rows
-        divides_by_items = num_items_in_batch is not None and (
-            self.compute_loss_func is not None
-            or (self.model_accepts_loss_kwargs and (self.label_smoother is not None or bool(run.uses_num_items)))
-        )
+        divides_by_items = num_items_in_batch is not None and bool(run.uses_num_items)
         divisor = _as_tensor(num_items_in_batch, rows) if divides_by_items else rows
         return self._fam_trainer_factor(run, loss, num_items_in_batch is not None).to(rows) / divisor.to(rows.dtype)
 
@@ -295,18 +372,26 @@ class FAMMixin:
         if not penalty_value > 0:
             logger.warning("FAM: relative flatness is 0 on the first batch; fam_lambda set to 0 (FAM off).")
             return 0.0
-        value = self.args.fam_share * abs(task_value) / penalty_value
+        value = self.args.resolved_fam_share * abs(task_value) / penalty_value
         logger.info(
             "FAM: fam_lambda=%.4g, so that the penalty (%.4g) is %.2g of the task loss (%.4g) on the first batch",
             value,
             penalty_value,
-            self.args.fam_share,
+            self.args.resolved_fam_share,
             task_value,
         )
         return value
 
-    def _fam_check_finite(self, penalty: torch.Tensor) -> None:
+    def _fam_check_finite(self, penalty: torch.Tensor, task_loss: torch.Tensor) -> None:
+        """Refuse a non-finite penalty, except on a step that fp16's GradScaler skips anyway.
+
+        A task loss that overflowed makes the scaler skip the step and lower its scale, as in plain training; the
+        penalty then passes through to be skipped with it. A non-finite penalty beside a finite loss would make the
+        scaler skip steps that plain training takes, and lowering the scale cannot cure a forward overflow: refused.
+        """
         if not bool(torch.isfinite(penalty.detach())):
+            if getattr(self.accelerator, "scaler", None) is not None and not bool(torch.isfinite(task_loss.detach())):
+                return
             raise ValueError(
                 f"FAM: the relative-flatness penalty is {float(penalty.detach())} at step {self.state.global_step} "
                 f"(epoch {self.state.epoch}): the head's logits or features overflowed. Lower learning_rate or "
@@ -372,6 +457,12 @@ class FAMMixin:
             }
             with open(os.path.join(output_dir, FAM_CONFIG_NAME), "w") as handle:
                 json.dump(settings, handle, indent=2)
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """The parent trainer's model card, with the ``fam`` tag, the FAM settings and a sentence on FAM."""
+        from .model_card import create_fam_model_card
+
+        create_fam_model_card(self, *args, **kwargs)
 
 
 class FAMTrainer(FAMMixin, SAMMixin, Trainer):

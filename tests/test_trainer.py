@@ -207,17 +207,35 @@ def test_plain_training_arguments_are_refused_with_the_fix(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "field,value,message",
+    "settings,message",
     [
-        ("fam_lambda", -0.1, "fam_lambda must be >= 0"),
-        ("fam_gradient", "all", "fam_gradient must be one of"),
-        ("fam_loss", "hinge", "fam_loss must be"),
-        ("fam_share", 0.0, "fam_share must be > 0"),
+        ({"fam_lambda": -0.1}, "fam_lambda must be a finite number >= 0"),
+        ({"fam_lambda": float("inf")}, "fam_lambda must be a finite number >= 0"),
+        ({"fam_lambda": float("nan")}, "fam_lambda must be a finite number >= 0"),
+        ({"fam_gradient": "all"}, "fam_gradient must be one of"),
+        ({"fam_loss": "hinge"}, "fam_loss must be"),
+        ({"fam_share": 0.0}, "fam_share must be > 0"),
+        ({"fam_lambda": 0.1, "fam_share": 0.01}, "are both set, and a given fam_lambda ignores the share"),
     ],
 )
-def test_bad_settings_are_refused(field, value, message, tmp_path):
+def test_bad_settings_are_refused(settings, message, tmp_path):
     with pytest.raises(ValueError, match=message):
-        FAMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **{field: value})
+        FAMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **settings)
+
+
+def test_a_share_beside_fam_off_or_a_calibrated_lambda_is_accepted(tmp_path):
+    off = FAMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, fam_lambda=0.0, fam_share=0.01)
+    calibrated = FAMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, fam_share=0.01)
+    default = FAMTrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+    assert (off.resolved_fam_share, calibrated.resolved_fam_share, default.resolved_fam_share) == (0.01, 0.01, 0.001)
+
+
+def test_data_parallel_over_several_gpus_is_refused_with_the_way_out(tmp_path):
+    model = build("bert", "sequence")
+    args = sgd_args(tmp_path, fam_lambda=0.1)
+    args._n_gpu = 2  # what TrainingArguments reads off a machine with two visible GPUs and one process
+    with pytest.raises(ValueError, match="DataParallel .*n_gpu=2.*DistributedDataParallel"):
+        FAMTrainer(model=model, args=args, train_dataset=as_dataset(batch_for(model)))
 
 
 def test_arguments_parse_from_the_command_line():
