@@ -1,5 +1,6 @@
 """fam_hf: Relative Flatness Aware Minimization (FAM) as a one-line change to a transformers Trainer."""
 
+from .callback import RelativeFlatnessCallback
 from .config import FAMTrainingArguments
 from .flatness import flatness_sum, inputs_for_gradient, relative_flatness
 from .head import find_head
@@ -18,6 +19,7 @@ __all__ = [
     "FAMTrainingArguments",
     "FlatnessProbe",
     "FlatnessReport",
+    "RelativeFlatnessCallback",
     "SAMMixin",
     "find_head",
     "flatness_sum",
