@@ -64,20 +64,27 @@ def hessian_relative_flatness(
 
 
 def model_hessian_relative_flatness(
-    model: nn.Module, inputs: dict[str, Any], head: str | None = None, *, normalize: bool = False
+    model: nn.Module,
+    inputs: dict[str, Any],
+    head: str | None = None,
+    *,
+    normalize: bool = False,
+    differentiable: bool = False,
 ) -> torch.Tensor:
     """Return ``kappa`` from ``torch.func.hessian`` of the model's own returned loss in its head's weight.
 
     The whole model runs for every Hessian column (its backbone does not depend on the head, so this is the Hessian
-    of the batch loss exactly as the model computes it, whatever its task), with the head's weight replaced and
-    everything else as it is. For tests on tiny models only: put the model in eval mode (or without dropout).
+    of the batch loss exactly as the model computes it, whatever its task, logit transforms included), with the
+    head's weight replaced and everything else as it is. ``differentiable`` keeps the graph to every parameter, so
+    the brute-force gradient of ``kappa`` can be taken. For tests on tiny models only: put the model in eval mode
+    (or without dropout).
     """
     from .head import find_head
 
     name, module = find_head(model, head)
     if not isinstance(module, nn.Linear):
         raise ValueError(f"The brute-force model Hessian needs an nn.Linear head; {name!r} is {type(module).__name__}.")
-    weight = module.weight.detach()
+    weight = module.weight if differentiable else module.weight.detach()
     prefix = next(n for n, m in model.named_modules() if m is module)
 
     def batch_loss(w: torch.Tensor) -> torch.Tensor:
@@ -85,5 +92,6 @@ def model_hessian_relative_flatness(
 
     hessian = torch.func.hessian(batch_loss)(weight)
     traces = torch.diagonal(hessian, dim1=1, dim2=3).sum(-1)
-    kappa = ((weight @ weight.T) * traces).sum().detach()
+    kappa = ((weight @ weight.T) * traces).sum()
+    kappa = kappa if differentiable else kappa.detach()
     return kappa / weight.shape[-1] if normalize else kappa

@@ -221,6 +221,13 @@ class FAMMixin:
         if run is not None:
             run.pending = None
         step_loss = super().training_step(model, inputs, *args, **kwargs)
+        if run is not None and run.pending is None:
+            raise RuntimeError(
+                f"FAM never ran on this step: {type(self).__name__}.compute_loss overrides FAMMixin.compute_loss "
+                "without calling it, so the loss would carry no penalty and the logs no relative flatness. Call "
+                "super().compute_loss(model, inputs, return_outputs, num_items_in_batch) from the override, or put "
+                "FAMMixin before the class that defines it."
+            )
         if run is not None and run.pending is not None:
             total, task_loss, penalty = run.pending
             run.pending = None
@@ -296,9 +303,11 @@ class FAMMixin:
             return "compute_loss_func"
         if self.label_smoother is not None:
             return "the Trainer's label smoother"
-        if recorded or type(self).compute_loss is FAMMixin.compute_loss:
+        mro = type(self).__mro__
+        owner = next(c for c in mro[mro.index(FAMMixin) + 1 :] if "compute_loss" in vars(c))
+        if recorded or owner is Trainer:
             return f"the model ({type(self.accelerator.unwrap_model(self.model)).__name__})"
-        return f"{type(self).__name__}.compute_loss"
+        return f"{owner.__name__}.compute_loss"
 
     def _fam_label_smoothing(self) -> float:
         return float(getattr(self.label_smoother, "epsilon", 0.0) or 0.0) if self.label_smoother is not None else 0.0

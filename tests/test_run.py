@@ -18,7 +18,8 @@ from tiny_models import (
 from transformers import TrainerCallback
 
 from fam_hf import FAMTrainer, FAMTrainingArguments
-from fam_hf.run import AUTO_ROWS_MINIMUM, AutoRows, FAMState, auto_max_rows
+from fam_hf import FlatnessProbe
+from fam_hf.run import AUTO_ROWS_MINIMUM, AutoRows, FAMState, LossRecorder, auto_max_rows
 
 
 def test_model_init_trains_the_model_it_builds_with_the_exact_penalty(tmp_path):
@@ -284,3 +285,86 @@ def test_a_run_that_raised_leaves_nothing_behind_for_the_next(tmp_path):
     assert trainer.compute_loss_func is summed_loss
     assert not model._forward_hooks  # the run's loss hook is gone; only the probe's head hook remains
     assert next(e for e in trainer.state.log_history if "loss" in e)["relative_flatness"] > 0
+
+
+def _lm_trainer(output_dir, **extra) -> FAMTrainer:
+    """A tiny Llama at the default row budget, 8 steps of 8 examples (40 counted tokens, of which "auto" samples
+    its minimum of 32), checkpoint at 4."""
+    model = build("llama", "causal_lm")
+    args = FAMTrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        max_steps=8,
+        save_steps=4,
+        logging_steps=2,
+        learning_rate=0.05,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        seed=3,
+        fam_gradient="full",
+        fam_share=0.05,
+        **extra,
+    )
+    data = as_dataset(batch_for(model, size=64))
+    return FAMTrainer(model=model, args=args, train_dataset=data, data_collator=collator(torch.float64))
+
+
+def test_resume_at_the_default_row_budget_equals_the_uninterrupted_run(tmp_path):
+    """The sampling stream continues from the checkpoint (FAMState.draws), as the Trainer's own resume does."""
+    whole = _lm_trainer(tmp_path)
+    whole.train()
+    assert isinstance(whole.fam_probe().max_rows, AutoRows), "the default must sample this head's rows"
+    assert whole.fam_probe().max_rows(40) == AUTO_ROWS_MINIMUM < 40, "the default must sample in this test"
+    assert whole.fam_probe().draws == 7  # one draw a step; the calibrating first batch uses every row
+    resumed = _lm_trainer(tmp_path)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert resumed.fam_probe().draws == 7
+    for (name, expected), actual in zip(whole.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_each_process_draws_its_own_stream_and_a_draw_is_replayable():
+    model = build("llama", "causal_lm")
+    batch = batch_for(model, size=16)
+    rank_0 = FlatnessProbe(model, max_rows=4, seed=3, stream=0)
+    rank_1 = FlatnessProbe(model, max_rows=4, seed=3, stream=1)
+
+    def draws(probe, count=3):
+        values = []
+        for _ in range(count):
+            with torch.no_grad(), probe.watch(batch, batch["labels"], gradient=None, sample=True) as seen:
+                model(**batch)
+            values.append(float(seen[0].flatness.total))
+        return values
+
+    first_0, first_1 = draws(rank_0), draws(rank_1)
+    assert len(set(first_0)) == 3 and first_0 != first_1  # new rows every draw, other rows on the other rank
+    rank_0.draws = 1
+    assert draws(rank_0, 2) == first_0[1:]  # the stream is a function of (seed, stream, draws) alone
+    rank_0.remove()
+    rank_1.remove()
+
+
+def test_lambda_is_calibrated_on_every_row_of_the_first_batch(tmp_path):
+    lambdas = []
+    for max_rows in (None, 3):
+        trainer = _lm_trainer(tmp_path / str(max_rows), fam_max_rows=max_rows)
+        trainer.args.max_steps = 1
+        trainer.train()
+        lambdas.append(trainer.fam_lambda)
+    assert lambdas[1] == pytest.approx(lambdas[0], rel=1e-12)
+
+
+def test_loss_recorder_survives_pickle_and_deepcopy():
+    import copy
+    import pickle
+
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    recorder = LossRecorder(LabelSmoother(epsilon=0.1), [])
+    logits, labels = torch.zeros(1, 3, 4), torch.tensor([[0, 1, -100]])
+    for clone in (pickle.loads(pickle.dumps(recorder)), copy.deepcopy(recorder)):
+        value = clone({"logits": logits}, labels)
+        assert float(value) == pytest.approx(float(torch.log(torch.tensor(4.0))))
+        assert len(clone._record) == 1 and clone.epsilon == 0.1  # records, and reads through to the smoother

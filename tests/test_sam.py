@@ -135,3 +135,34 @@ def test_sam_off_leaves_the_fam_step_unchanged(tmp_path):
 def test_negative_rho_is_refused():
     with pytest.raises(ValueError, match="sam_rho must be >= 0"):
         FAMTrainingArguments(output_dir="x", use_cpu=True, sam_rho=-0.1)
+
+
+def test_a_sam_step_at_learning_rate_zero_leaves_bf16_weights_bit_identical(tmp_path):
+    """w + e - e is not w in bfloat16: the weights are put back by copy."""
+    model = build("bert", "sequence", dtype=torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = batch_for(model)
+    args = sgd_args(tmp_path, fam_lambda=2.0, sam_rho=0.5)
+    args.learning_rate = 0.0
+    FAMTrainer(model=model, args=args, train_dataset=as_dataset(batch), data_collator=collator(model.dtype)).train()
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), name
+
+
+def test_sam_rho_on_a_trainer_without_sam_mixin_is_refused(tmp_path):
+    from transformers import Trainer
+
+    from fam_hf import FAMMixin
+
+    class FAMOnlyTrainer(FAMMixin, Trainer):
+        pass
+
+    model = build("bert", "sequence")
+    trainer = FAMOnlyTrainer(
+        model=model,
+        args=sgd_args(tmp_path, fam_lambda=2.0, sam_rho=RHO),
+        train_dataset=as_dataset(batch_for(model)),
+        data_collator=collator(model.dtype),
+    )
+    with pytest.raises(ValueError, match="needs SAMMixin in FAMOnlyTrainer's bases"):
+        trainer.train()

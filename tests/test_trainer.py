@@ -464,3 +464,49 @@ def test_trainer_loss_paths_scale_the_penalty_like_the_task_loss_under_accumulat
 def _summed_lm_loss(outputs, labels):
     logits = outputs["logits"][:, :-1].reshape(-1, outputs["logits"].shape[-1])
     return torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:].reshape(-1), reduction="sum")
+
+
+class _SequentialFAMTrainer(FAMTrainer):
+    """Micro-batches in dataset order, so a test knows which examples each one holds."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+def test_a_per_micro_batch_mean_loss_func_gets_the_penalty_in_its_own_units(tmp_path):
+    """A compute_loss_func that ignores num_items_in_batch returns each micro-batch's mean; the Trainer then adds
+    the micro-batches' means (it counts the loss as already scaled). The penalty must follow: each micro-batch adds
+    its own kappa, the brute force of the update being the sum of the micro-batches' own updates."""
+    model = build("llama", "causal_lm")
+    batch = batch_for(model)
+
+    def mean_loss(outputs, labels, num_items_in_batch=None):
+        return _summed_lm_loss(outputs, labels) / (labels[:, 1:] != -100).sum()
+
+    halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]
+    parts = [expected_update(model, half, fam_lambda=2.0, gradient="full") for half in halves]
+    expected = {n: parts[0][n] + parts[1][n] for n in parts[0]}
+    before = snapshot(model)
+    trainer = _SequentialFAMTrainer(
+        model=model,
+        args=sgd_args(tmp_path, batch_size=4, accumulation=2, fam_lambda=2.0, fam_gradient="full"),
+        train_dataset=as_dataset(batch),
+        data_collator=collator(model.dtype),
+        compute_loss_func=mean_loss,
+    )
+    trainer.train()
+    assert_updates_close(updates(before, model), expected, rtol=1e-6)
+
+
+def test_fp16_scaler_skips_a_step_whose_loss_overflowed_but_refuses_a_penalty_that_alone_overflows(tmp_path):
+    model = build("bert", "sequence")
+    args = sgd_args(tmp_path, fam_lambda=1.0)
+    trainer = FAMTrainer(model=model, args=args, train_dataset=as_dataset(batch_for(model)))
+    inf, finite = torch.tensor(float("inf")), torch.tensor(1.0)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")  # what fp16 training sets up
+    trainer._fam_check_finite(inf, inf)  # the scaler skips this step, as it would in plain training
+    with pytest.raises(ValueError, match="penalty is inf"):
+        trainer._fam_check_finite(inf, finite)  # plain training would have taken this step
+    trainer.accelerator.scaler = None
+    with pytest.raises(ValueError, match="penalty is inf"):
+        trainer._fam_check_finite(inf, inf)  # no scaler: nothing would skip it

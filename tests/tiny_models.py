@@ -94,6 +94,23 @@ CONFIGS = {
 }
 
 
+# Families that scale the head's output before their loss, as their configs document (untied heads: the brute force
+# replaces the head's weight alone)
+SCALED = dict(
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    intermediate_size=24,
+    vocab_size=VOCAB,
+    max_position_embeddings=32,
+    pad_token_id=0,
+    tie_word_embeddings=False,
+)
+CONFIGS["granite"] = lambda: AutoConfig.for_model("granite", **SCALED, logits_scaling=8.0)
+CONFIGS["cohere"] = lambda: AutoConfig.for_model("cohere", **SCALED, logit_scale=0.25)
+
+
 def build(model_type: str, task: str = "sequence", seed: int = 0, dtype=torch.float64) -> torch.nn.Module:
     """Return a tiny model of ``model_type`` for ``task`` (sequence, tokens, causal_lm), in ``dtype``."""
     torch.manual_seed(seed)

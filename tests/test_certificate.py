@@ -1,0 +1,221 @@
+"""The certificate: the loss the penalty differentiates is checked against the model's own on the first batch.
+
+Families that scale their logits after the head get the exact penalty (their documented scale, against the
+brute-force Hessian of the model's own loss); a transform fam_hf does not know, a loss computed outside the model,
+or an adapter whose weight it does not reproduce is refused when training starts, or only warned about when
+measuring (``fam_lambda=0``).
+"""
+
+import copy
+import logging
+
+import pytest
+import torch
+from datasets import Dataset
+from tiny_models import as_dataset, assert_updates_close, batch_for, build, collator, sgd_args, snapshot, updates
+from torch import nn
+from transformers import Trainer
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from fam_hf import FAMMixin, FAMTrainer
+from fam_hf.certificate import LossCheck, LossMismatchError, coarser, loss_tolerance
+from fam_hf.reference import model_hessian_relative_flatness
+
+LAMBDA = 0.7
+
+
+def _model_loss_update(model, batch, fam_lambda: float, lr: float = 0.5) -> dict[str, torch.Tensor]:
+    """``-lr * grad(loss + lambda * kappa)``, kappa from the Hessian of the model's own returned loss."""
+    model = copy.deepcopy(model)
+    model.train()
+    total = model(**batch).loss + fam_lambda * model_hessian_relative_flatness(model, batch, differentiable=True)
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    grads = torch.autograd.grad(total, params, allow_unused=True)
+    return {n: (-lr * g if g is not None else torch.zeros_like(p)) for n, p, g in zip(names, params, grads)}
+
+
+def _step(model, batch, tmp_path, trainer_cls=FAMTrainer, **fam):
+    before = snapshot(model)
+    trainer = trainer_cls(
+        model=model,
+        args=sgd_args(tmp_path, batch_size=len(batch["input_ids"]), **fam),
+        train_dataset=as_dataset(batch),
+        data_collator=collator(next(model.parameters()).dtype),
+    )
+    trainer.train()
+    return updates(before, model), trainer
+
+
+@pytest.mark.parametrize("family", ["granite", "cohere"])
+def test_documented_logit_scale_gives_the_hessian_of_the_models_own_loss(family, tmp_path, caplog):
+    """Granite divides the head's output by logits_scaling=8, Cohere multiplies it by logit_scale=0.25."""
+    model = build(family, "causal_lm")
+    batch = batch_for(model)
+    expected = _model_loss_update(model, batch, LAMBDA)
+    plain = _model_loss_update(model, batch, 0.0)
+    with caplog.at_level(logging.INFO, logger="fam_hf.certificate"):
+        actual, _ = _step(model, batch, tmp_path, fam_lambda=LAMBDA, fam_gradient="full")
+    # transformers' causal-LM loss upcasts the logits to float32 (not float64): the brute force is float32-exact
+    assert_updates_close(actual, expected, rtol=1e-6)
+    assert max(float((expected[n] - plain[n]).abs().max()) for n in expected) > 1e-2, "penalty too small to test"
+    assert "certified on the first training batch" in caplog.text and "* " in caplog.text
+
+
+def test_an_undocumented_logit_scale_is_refused_with_both_losses(tmp_path, monkeypatch):
+    """The next family that scales its logits without documenting it: the certificate refuses, showing both."""
+    monkeypatch.setattr("fam_hf.rows.documented_logit_scale", lambda config: None)
+    model = build("granite", "causal_lm")
+    before = snapshot(model)
+    with pytest.raises(LossMismatchError, match=r"recomputed .* is [\d.]+, but the model \(GraniteForCausalLM\) "
+                       r"returned [\d.]+.*fam_layer.*fam_loss.*fam_lambda=0"):
+        _step(model, batch_for(model), tmp_path, fam_lambda=LAMBDA)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters()), "refused before any update"
+
+
+def test_at_lambda_zero_a_mismatch_only_warns_and_trains_plainly(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("fam_hf.rows.documented_logit_scale", lambda config: None)
+    model = build("granite", "causal_lm")
+    with caplog.at_level(logging.WARNING, logger="fam_hf.certificate"):
+        actual, trainer = _step(model, batch_for(model), tmp_path, fam_lambda=0.0)
+        trainer.evaluate(as_dataset(batch_for(model, seed=2)))
+    warnings = [r.getMessage() for r in caplog.records if "cannot certify" in r.getMessage()]
+    assert len(warnings) == 2 and "first training batch" in warnings[0] and "first evaluation batch" in warnings[1]
+    assert all("logged as assumed" in w for w in warnings)
+    assert any(float(v.abs().max()) > 0 for v in actual.values())
+
+
+class ScaledScorer(nn.Module):
+    """A model fam_hf has never heard of: a linear head whose output the loss reads times ``scale``."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 3)
+        self.scale = scale
+
+    def forward(self, input_ids, labels=None):
+        logits = self.head(torch.tanh(self.body(input_ids))) * self.scale
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def _scorer_batch() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    return {
+        "input_ids": (torch.randn(8, 6, generator=generator) * 2).double(),  # float32 values: the dataset keeps them
+        "labels": torch.randint(0, 3, (8,), generator=generator),
+    }
+
+
+def test_a_custom_module_whose_loss_reads_the_head_as_is_is_certified_and_exact(tmp_path):
+    model = ScaledScorer(scale=1.0).double()
+    batch = _scorer_batch()
+    expected = _model_loss_update(model, batch, LAMBDA)
+    actual, _ = _step(model, batch, tmp_path, fam_lambda=LAMBDA, fam_gradient="full", fam_layer="head",
+                      fam_loss="cross_entropy")
+    assert_updates_close(actual, expected, rtol=1e-9)
+
+
+def test_a_custom_module_whose_loss_transforms_the_head_output_is_refused(tmp_path):
+    model = ScaledScorer(scale=3.0).double()
+    with pytest.raises(LossMismatchError, match="head 'head' as cross_entropy of the head's output"):
+        _step(model, _scorer_batch(), tmp_path, fam_lambda=LAMBDA, fam_layer="head", fam_loss="cross_entropy")
+
+
+class PairwiseRewardTrainer(Trainer):
+    """A reward trainer's loss: a pairwise logistic loss on a 1-output score, computed outside the model."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        scores = model(input_ids=inputs["input_ids"]).logits.squeeze(-1)
+        loss = -nn.functional.logsigmoid(scores[0::2] - scores[1::2]).mean()
+        return (loss, None) if return_outputs else loss
+
+
+class FAMPairwiseRewardTrainer(FAMMixin, PairwiseRewardTrainer):
+    """FAM on that trainer, the way FAMMixin goes on any Trainer subclass."""
+
+
+class OverridingTrainer(FAMTrainer):
+    """A subclass whose compute_loss never calls FAMTrainer's, so the penalty would never be added."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+
+def _reward_data(model) -> Dataset:
+    batch = batch_for(model)
+    return Dataset.from_dict({"input_ids": batch["input_ids"].tolist()})
+
+
+@pytest.mark.parametrize("fam_lambda", [LAMBDA, 0.0])
+def test_a_loss_computed_outside_the_model_is_refused_or_measured_with_a_warning(fam_lambda, tmp_path, caplog):
+    model = build("llama", "sequence")
+    model.config.num_labels = 1
+    model.score = nn.Linear(16, 1, bias=False).double()
+    trainer = FAMPairwiseRewardTrainer(
+        model=model,
+        args=sgd_args(tmp_path, fam_lambda=fam_lambda, remove_unused_columns=False),
+        train_dataset=_reward_data(model),
+        data_collator=collator(model.dtype),
+    )
+    if fam_lambda:
+        with pytest.raises(LossMismatchError, match="as nothing: the batch has no labels.*but PairwiseRewardTrainer.compute_loss returned"):
+            trainer.train()
+        return
+    with caplog.at_level(logging.WARNING, logger="fam_hf.certificate"):
+        trainer.train()
+    assert "the batch has no labels for the head's loss" in caplog.text
+
+
+def test_a_subclass_whose_compute_loss_bypasses_fam_is_refused_on_its_first_step(tmp_path):
+    model = build("bert", "sequence")
+    with pytest.raises(RuntimeError, match="OverridingTrainer.compute_loss.*super\\(\\).compute_loss"):
+        _step(model, batch_for(model), tmp_path, trainer_cls=OverridingTrainer, fam_lambda=LAMBDA)
+
+
+def test_a_dora_adapter_on_the_head_is_refused_with_the_ways_out(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        build("bert", "sequence"), peft.LoraConfig(r=2, target_modules=["classifier"], use_dora=True)
+    )
+    with pytest.raises(ValueError, match="DoRA adapter.*modules_to_save"):
+        _step(model, batch_for(build("bert", "sequence")), tmp_path, fam_lambda=LAMBDA)
+
+
+def test_tolerance_follows_the_coarser_precision():
+    assert coarser(torch.float64, torch.float32) == torch.float32
+    assert coarser(torch.bfloat16, torch.float32) == torch.bfloat16
+    assert loss_tolerance(torch.float64) < loss_tolerance(torch.float32) < loss_tolerance(torch.bfloat16)
+    close = LossCheck(2.0, 2.0 * (1 + 5e-5), "loss", "model", torch.float32)
+    far = LossCheck(2.0, 2.0 * (1 + 5e-3), "loss", "model", torch.float32)
+    assert close.agrees and not far.agrees
+    assert LossCheck(2.0, 2.0 * (1 + 5e-3), "loss", "model", torch.bfloat16).agrees
+    assert not LossCheck(float("nan"), 2.0, "loss", "model", torch.float32).agrees
+
+
+def test_trl_fused_head_on_a_scaled_family_is_certified_and_an_unknown_scale_refused(tmp_path, monkeypatch, caplog):
+    pytest.importorskip("trl")
+    from tiny_models import tiny_tokenizer
+
+    from fam_hf.sft import FAMSFTConfig, FAMSFTTrainer
+
+    input_ids = torch.randint(3, 40, (8, 6), generator=torch.Generator().manual_seed(0))
+
+    def train():
+        trainer = FAMSFTTrainer(
+            model=build("granite", "causal_lm"),
+            args=sgd_args(tmp_path, args_class=FAMSFTConfig, bf16=False, fam_lambda=LAMBDA),
+            train_dataset=Dataset.from_dict({"input_ids": input_ids.tolist()}),
+            processing_class=tiny_tokenizer(),
+        )
+        trainer.train()
+
+    with caplog.at_level(logging.INFO, logger="fam_hf.certificate"):
+        train()
+    assert "certified on the first training batch" in caplog.text and "(the head's output * 0.125)" in caplog.text
+    monkeypatch.setattr("fam_hf.rows.documented_logit_scale", lambda config: None)
+    with pytest.raises(LossMismatchError, match="TRL's fused LM head"):
+        train()
