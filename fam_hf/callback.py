@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from .certificate import LossCheck, coarser, describe_loss, settle
 from .probe import BatchFlatness, FlatnessProbe
 from .rows import CAUSAL_LM, GROUPED_KINDS, SEQUENCE, UnsupportedTaskError
 
@@ -203,10 +204,8 @@ class RelativeFlatnessCallback(TrainerCallback):
                 f"flatness is that of the head's default loss ({batch.loss}) over {_rows_in_words(batch)}, not of "
                 "the loss the trainer optimizes.",
             )
-        elif not self._checked and not module.training and batch.task_loss is not None:
-            self._checked = True
-            if isinstance(returned, torch.Tensor):
-                _check_first_batch(batch, returned)
+        elif not self._checked and not module.training and isinstance(returned, torch.Tensor):
+            self._checked = self._certify(batch, returned.detach())
         sums = [batch.flatness.total.detach().double(), batch.flatness.rows.detach().double()]
         if module.training:
             self._train_sums = sums
@@ -297,6 +296,22 @@ class RelativeFlatnessCallback(TrainerCallback):
         total, rows = (float(v) for v in stacked)
         return total / max(rows, 1.0)
 
+    def _certify(self, batch: BatchFlatness, returned: torch.Tensor) -> bool:
+        """The trainer's certificate on the first evaluation batch with a loss: warn once if the loss recomputed
+        from the head is not the one the model returned. Return whether the check was made."""
+        rows = batch.flatness.rows
+        if batch.task_loss is None or not bool(rows > 0) or not bool(torch.isfinite(returned)):
+            return False
+        probe = self._probes[False]
+        check = LossCheck(
+            float(batch.task_loss / rows),
+            float(returned),
+            describe_loss(probe.task, batch.loss, 0.0, "the batch's counted rows"),
+            f"the model ({type(self._model).__name__})",
+            coarser(batch.dtype, returned.dtype) if returned.is_floating_point() else batch.dtype,
+        )
+        return settle(check, not check.agrees, False, penalize=False, where="evaluation", head_name=probe.head_name)
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -322,33 +337,6 @@ class _ModelHook:
 
     def __getstate__(self) -> dict[str, Any]:
         return {"callback": None, "method": self.method}
-
-
-def _check_first_batch(batch: BatchFlatness, returned_loss: torch.Tensor, half: bool | None = None) -> bool:
-    """Compare the loss recomputed from the head with the loss the model returned; warn once if they differ.
-
-    ``batch.task_loss / rows`` is the mean the probe assumes; the model's ``outputs.loss`` is what it computed.
-    Tolerance: 1e-4 relative in float32, 2e-2 in half precision (``half``, else read from the returned loss).
-    Returns whether they agree. (To be replaced by :mod:`fam_hf.certificate`.)
-    """
-    if half is None:
-        half = returned_loss.dtype in (torch.float16, torch.bfloat16)
-    rtol = 2e-2 if half else 1e-4
-    assumed = float(batch.task_loss) / max(float(batch.flatness.rows), 1.0)
-    returned = float(returned_loss.detach().float())
-    agrees = math.isfinite(assumed) and abs(assumed - returned) <= rtol * max(abs(assumed), abs(returned), 1e-12)
-    if not agrees:
-        logger.warning(
-            "RelativeFlatnessCallback: the loss recomputed from the head (%s over %s) is %.8g on the first evaluation "
-            "batch, but the model returned %.8g (tolerance %g). The relative flatness logged is not that of the loss "
-            "the trainer optimizes; name the head and its loss with head= and loss= if they are known.",
-            batch.loss,
-            _rows_in_words(batch),
-            assumed,
-            returned,
-            rtol,
-        )
-    return agrees
 
 
 def _rows_in_words(batch: BatchFlatness) -> str:

@@ -116,7 +116,7 @@ def settle(
             message = check.message(where, head_name)
         if penalize:
             raise LossMismatchError(message)
-        logger.warning("%s Measuring only (fam_lambda=0): relative_flatness is logged as assumed.", message)
+        logger.warning("%s Only measuring (fam_lambda=0): relative_flatness is that of the assumed loss.", message)
         return True
     if missing:
         return False

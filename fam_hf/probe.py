@@ -160,7 +160,9 @@ class FlatnessProbe:
             if logits is None:
                 result.task_loss = _fused_task_sum(self.task, weight, bias, features, labels)
             else:
-                result.task_loss, result.correct = _task_sums(self.task.transform(logits.detach()), labels, loss, smoothing)
+                result.task_loss, result.correct = _task_sums(
+                    self.task.transform(logits.detach()), labels, loss, smoothing
+                )
         return result
 
     def _flatness(self, weight, bias, features, logits, labels, loss, request) -> FlatnessSum:

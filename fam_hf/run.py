@@ -36,9 +36,7 @@ class FAMState(TrainerCallback, ExportableState):
     (one per training forward pass), so the count saved by the main process is every process's.
     """
 
-    def __init__(
-        self, fam_lambda: float | None = None, settings: dict[str, Any] | None = None, draws: int = 0
-    ) -> None:
+    def __init__(self, fam_lambda: float | None = None, settings: dict[str, Any] | None = None, draws: int = 0) -> None:
         self.fam_lambda = fam_lambda
         self.settings = dict(settings or {})
         self.draws = draws

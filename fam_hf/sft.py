@@ -76,7 +76,9 @@ class FAMSFTTrainer(FAMMixin, SAMMixin, SFTTrainer):
         description = describe_loss(self.fam_probe().task, batch.loss, 0.0, "nothing (the sum itself)")
         source = "TRL's fused LM head (the sum of -log_probs)"
         returned = run.raw_loss[-1]
-        return LossCheck(float(batch.task_loss), float(returned), description, source, coarser(batch.dtype, returned.dtype))
+        return LossCheck(
+            float(batch.task_loss), float(returned), description, source, coarser(batch.dtype, returned.dtype)
+        )
 
     def _fam_no_log_probs(self) -> None:
         raise RuntimeError(

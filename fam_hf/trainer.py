@@ -272,8 +272,10 @@ class FAMMixin:
             return None
         task = self.fam_probe().task
         smoothing = self._fam_label_smoothing() if batch.loss == "cross_entropy" else 0.0
-        what = "num_items_in_batch (the counted rows of the whole accumulated batch)" if divisor is not None else (
-            "the batch's counted rows"
+        what = (
+            "num_items_in_batch (the counted rows of the whole accumulated batch)"
+            if divisor is not None
+            else ("the batch's counted rows")
         )
         description = describe_loss(task, batch.loss, smoothing, what)
         dtype = coarser(batch.dtype, returned.dtype) if returned.is_floating_point() else batch.dtype

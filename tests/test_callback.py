@@ -12,9 +12,7 @@ from tiny_models import as_dataset, batch_for, build, collator, tiny_tokenizer
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from fam_hf import measure_relative_flatness
-from fam_hf.callback import RelativeFlatnessCallback, _check_first_batch
-from fam_hf.flatness import FlatnessSum
-from fam_hf.probe import BatchFlatness
+from fam_hf.callback import RelativeFlatnessCallback
 from fam_hf.rows import UnsupportedTaskError
 
 
@@ -167,20 +165,6 @@ def test_a_trainer_with_its_own_loss_is_told_once(tmp_path, caplog):
     assert len(warnings) == 1 and "DoubledLoss.compute_loss overrides" in warnings[0]
 
 
-def test_first_batch_check_warns_when_the_returned_loss_is_another(caplog):
-    batch = BatchFlatness(
-        FlatnessSum(torch.tensor(5.0), torch.tensor(4.0)), "cross_entropy", task_loss=torch.tensor(2.0), kind="sequence"
-    )
-    with caplog.at_level(logging.WARNING, logger="fam_hf.callback"):
-        assert _check_first_batch(batch, torch.tensor(0.5 * (1 + 5e-5)))
-        assert not caplog.records
-        assert not _check_first_batch(batch, torch.tensor(1.0))
-        assert _check_first_batch(batch, torch.tensor(0.505, dtype=torch.bfloat16))
-    assert len(caplog.records) == 1
-    message = caplog.records[0].getMessage()
-    assert "not that of the loss the trainer optimizes" in message and "0.5" in message and "returned 1" in message
-
-
 def test_a_model_whose_loss_differs_from_the_head_is_flagged_on_the_first_eval_batch(tmp_path, caplog):
     model = build("bert", "sequence", dtype=torch.float32)
     model.config.problem_type = "single_label_classification"
@@ -201,10 +185,11 @@ def test_a_model_whose_loss_differs_from_the_head_is_flagged_on_the_first_eval_b
         data_collator=collator(model.dtype),
         callbacks=[RelativeFlatnessCallback()],
     )
-    with caplog.at_level(logging.WARNING, logger="fam_hf.callback"):
+    with caplog.at_level(logging.WARNING, logger="fam_hf.certificate"):
         trainer.evaluate()
         trainer.evaluate()
-    assert len([r for r in caplog.records if "model returned" in r.getMessage()]) == 1
+    warnings = [r.getMessage() for r in caplog.records if "cannot certify" in r.getMessage()]
+    assert len(warnings) == 1 and "but the model (BertForSequenceClassification) returned" in warnings[0]
 
 
 def test_callback_pickles_and_a_deep_copy_of_the_model_is_not_measured(tmp_path):

@@ -17,8 +17,7 @@ from tiny_models import (
 )
 from transformers import TrainerCallback
 
-from fam_hf import FAMTrainer, FAMTrainingArguments
-from fam_hf import FlatnessProbe
+from fam_hf import FAMTrainer, FAMTrainingArguments, FlatnessProbe
 from fam_hf.run import AUTO_ROWS_MINIMUM, AutoRows, FAMState, LossRecorder, auto_max_rows
 
 
