@@ -32,3 +32,20 @@ def test_two_processes_match_one_process(tmp_path):
             torch.testing.assert_close(
                 two[case][name], value, rtol=0, atol=1e-10, msg=lambda m, case=case, name=name: f"{case} {name}: {m}"
             )
+
+
+@needs_torch_distributed
+def test_a_per_micro_batch_mean_loss_func_with_accumulation_on_two_processes_matches_one(tmp_path):
+    """2 processes x 2 micro-batches of 2 hold the micro-batches 1 process x 4 of 2 holds (the Trainer hands out
+    the same seeded batches in turn). The Trainer adds such a loss's micro-batch means (and multiplies by the number
+    of processes, which DDP's average undoes); the penalty must come out the same both ways.
+    test_trainer.py checks the one-process update against the brute force."""
+    case = ("--cases", "loss_func_mean", "--per_device_batch", "2")
+    run(python(SCRIPT, "--out", tmp_path / "one.pt", *case, "--accumulation", "4"), cwd=tmp_path)
+    run(torchrun(SCRIPT, "--out", tmp_path / "two.pt", *case, "--accumulation", "2"), cwd=tmp_path)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert (one["loss_func_mean_world_size"], two["loss_func_mean_world_size"]) == (1, 2)
+    for name, value in one["loss_func_mean"].items():
+        torch.testing.assert_close(
+            two["loss_func_mean"][name], value, rtol=0, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}"
+        )

@@ -18,7 +18,15 @@ CASES = {
     "causal_lm": ("llama", "causal_lm", None),  # one example has an extra -100: ranks count 15 and 16 tokens
     "causal_lm_equal": ("llama", "causal_lm", None),  # every example counts 4 tokens: 16 on each rank
     "classifier": ("bert", "sequence", False),
+    "loss_func_mean": ("llama", "causal_lm", None),  # a compute_loss_func returning each micro-batch's mean
 }
+DEFAULT_CASES = ("causal_lm", "causal_lm_equal", "classifier")
+
+
+def mean_lm_loss(outputs, labels, num_items_in_batch=None):
+    """A user's compute_loss_func that ignores num_items_in_batch: the mean over this micro-batch's tokens."""
+    logits = outputs["logits"][:, :-1].reshape(-1, outputs["logits"].shape[-1])
+    return torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1))
 
 
 def case_batch(case: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -33,6 +41,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--per_device_batch", type=int, default=8)
+    parser.add_argument("--accumulation", type=int, default=1)
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=sorted(CASES))
     parser.add_argument("--deepspeed", action="store_true", help="shard with DeepSpeed ZeRO-3 (GPUs only)")
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 through the Trainer (GPUs only)")
     args = parser.parse_args()
@@ -48,7 +58,8 @@ def main() -> None:
                 "gradient_accumulation_steps": "auto",
             }
         }
-    for case, (model_type, task, accepts_loss_kwargs) in CASES.items():
+    for case in args.cases:
+        model_type, task, accepts_loss_kwargs = CASES[case]
         model = build(model_type, task, dtype=torch.float32 if args.deepspeed or args.fsdp else torch.float64)
         if accepts_loss_kwargs is not None:
             model.accepts_loss_kwargs = accepts_loss_kwargs
@@ -59,6 +70,7 @@ def main() -> None:
                 args=sgd_args(
                     tmp,
                     batch_size=args.per_device_batch,
+                    accumulation=args.accumulation,
                     fam_lambda=2.0,
                     fam_gradient="full",
                     use_cpu=not (args.deepspeed or args.fsdp),
@@ -66,6 +78,7 @@ def main() -> None:
                 ),
                 train_dataset=as_dataset(batch),
                 data_collator=collator(model.dtype),
+                compute_loss_func=mean_lm_loss if case == "loss_func_mean" else None,
             )
             trainer.train()
         results[case] = {
