@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Every check that needs an accelerator, one line each, within about 8 minutes on one GPU:
+#   bash tests/gpu/run.sh            (installs the test extra into the active Python when fam_hf is missing)
+#   bash tests/gpu/run.sh bf16 sft   (a subset)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+python -c "import fam_hf, deepspeed, trl" 2>/dev/null || python -m pip install --quiet -e ".[dev]"
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+PYTHONPATH="$PWD" python tests/gpu/checks.py "$@"
