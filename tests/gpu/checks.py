@@ -71,7 +71,8 @@ def check_fp16(workdir: str) -> str:
     assert trainer.accelerator.scaler is not None, "fp16 training without a GradScaler"
     logs = [e for e in trainer.state.log_history if "relative_flatness" in e]
     assert len(logs) == 5 and all(torch.isfinite(torch.tensor([e["loss"], e["relative_flatness"]])).all() for e in logs)
-    return f"5 steps under GradScaler (scale {trainer.accelerator.scaler.get_scale():g}), last loss {logs[-1]['loss']:.4g}"
+    scale = trainer.accelerator.scaler.get_scale()
+    return f"5 steps under GradScaler (scale {scale:g}), last loss {logs[-1]['loss']:.4g}"
 
 
 def _sharded(engine: str, workdir: str) -> str:
