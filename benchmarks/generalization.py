@@ -55,7 +55,7 @@ from benchmarks.common import (  # noqa: E402
     synthetic_token_ids,
     write_json,
 )
-from fam_hf.packaged import PACKAGED_MODEL, LoadError, load_bbc_news, packaged_path  # noqa: E402
+from fam_hf.tools.packaged import PACKAGED_MODEL, LoadError, load_bbc_news, packaged_path  # noqa: E402
 
 MODES = ("full", "head", "weights")
 SHARES = (0.001, 0.00464, 0.0215, 0.1)  # log-spaced from 0.1% to 10% of the initial loss
@@ -404,7 +404,7 @@ def choose_confirm_arms(runs: list[dict], task: str, plan: StudyPlan) -> list[st
 
 def run_study(plan: StudyPlan, log_path: Path) -> list[dict]:
     """Run the plan, appending every finished run to ``log_path`` (JSON lines) and skipping runs already there."""
-    from fam_hf.compare import append_run
+    from fam_hf.commands.compare.store import append_run
 
     runs = _read_runs(log_path)
     done = {(r["task"], r["arm"], r["seed"]) for r in runs}
@@ -434,14 +434,14 @@ def run_study(plan: StudyPlan, log_path: Path) -> list[dict]:
 
 
 def _read_runs(path: Path) -> list[dict]:
-    from fam_hf.compare import read_runs
+    from fam_hf.commands.compare.store import read_runs
 
     return read_runs(path)
 
 
 def merge_runs(logs: list[list[dict]]) -> list[dict]:
     """Concatenate run logs, keeping the first run of each (task, arm, seed) so that no pair is counted twice."""
-    from fam_hf.compare import merge_runs as merge
+    from fam_hf.commands.compare.store import merge_runs as merge
 
     return merge(logs, key=("task", "arm", "seed"))
 
@@ -560,7 +560,7 @@ def plot_accuracy(summaries: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fam_hf.plotting import draw_interval
+    from fam_hf.tools.plotting import draw_interval
 
     tasks = list(summaries)
     fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 6.4), squeeze=False)

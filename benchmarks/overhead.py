@@ -196,7 +196,7 @@ _REAL: dict[str, Any] = {}
 def real_smollm2():
     """Return ``(model, tokenizer)`` of the packaged SmolLM2-135M-Instruct (loaded once per process; callers copy)."""
     if not _REAL:
-        from fam_hf.packaged import load_smollm2
+        from fam_hf.tools.packaged import load_smollm2
 
         _REAL["model"], _REAL["tokenizer"] = load_smollm2(install=False, caller="overhead.py", reason="the real model")
     return _REAL["model"], _REAL["tokenizer"]
@@ -205,7 +205,7 @@ def real_smollm2():
 def real_data(spec: ModelSpec) -> TensorDictDataset:
     """Return ``batch_size`` BBC News articles of at least ``seq_len`` tokens, cut to ``seq_len``: real text, no
     padding, every token counted (as in the synthetic causal-LM batches)."""
-    from fam_hf.packaged import load_bbc_news
+    from fam_hf.tools.packaged import load_bbc_news
 
     _, tokenizer = real_smollm2()
     texts, _, _ = load_bbc_news(install=False, caller="overhead.py", reason="real text")

@@ -38,7 +38,7 @@ FIXED_BUDGETS = (32, 64, 128)
 
 def real_batch(batch_size: int, seq_len: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor], str]:
     """Return SmolLM2-135M-Instruct and a causal-LM batch of the first BBC News articles, truncated to seq_len."""
-    from fam_hf.packaged import load_bbc_news, load_smollm2
+    from fam_hf.tools.packaged import load_bbc_news, load_smollm2
 
     model, tokenizer = load_smollm2(install=False, caller="row_sampling.py", reason="the real model")
     texts, _, _ = load_bbc_news(install=False, caller="row_sampling.py", reason="a real batch")

@@ -17,7 +17,7 @@ import csv
 import random
 from pathlib import Path
 
-from fam_hf.packaged import load_bbc_news
+from fam_hf.tools.packaged import load_bbc_news
 
 
 def main(argv: list[str] | None = None) -> None:

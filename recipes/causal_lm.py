@@ -57,8 +57,7 @@ from recipe_utils import (
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from fam_hf import FAMTrainer, FAMTrainingArguments, find_head
-from fam_hf.demo_lm import HEADLINE_DATA
-from fam_hf.packaged import PACKAGED_DATA, load_pretrained, resolve_model
+from fam_hf.tools.packaged import HEADLINE_DATA, PACKAGED_DATA, load_pretrained, resolve_model
 
 try:  # chats go through TRL's SFTTrainer when TRL is installed
     from fam_hf.sft import FAMSFTConfig, FAMSFTTrainer
@@ -214,7 +213,7 @@ def load_data(data_args: DataArguments, seed: int, cache_dir: str | None = None)
     """Return ``train`` and ``validation`` splits: the packaged headline task, a hub dataset or local files."""
     if data_args.dataset_name != HEADLINE_DATA:
         return load_splits(data_args, seed, cache_dir)
-    from fam_hf.demo_lm import headline_examples, load_headline_task  # the demo's task, as prompt/completion chats
+    from fam_hf.tools.packaged import headline_examples, load_headline_task  # the task as prompt/completion chats
 
     texts = load_headline_task(PACKAGED_DATA, caller="recipes/causal_lm.py")
     records = Dataset.from_list(headline_examples(texts, data_args.max_article_words))

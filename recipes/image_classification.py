@@ -36,7 +36,7 @@ from recipe_utils import (
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, set_seed
 
 from fam_hf import FAMTrainer, FAMTrainingArguments
-from fam_hf.metrics import ClassificationMetrics
+from fam_hf.tools.metrics import ClassificationMetrics
 
 logger = logging.getLogger("fam_hf.recipes")
 

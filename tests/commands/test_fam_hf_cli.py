@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from fam_hf import cli
-from fam_hf.demo import DemoSettings
-from fam_hf.plotting import load_run
+from fam_hf.commands import fam_hf_cli as cli
+from fam_hf.commands.demo import DemoSettings
+from fam_hf.tools.plotting import load_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -184,7 +184,8 @@ def test_plot_of_a_folder_without_a_run_says_what_to_pass(tmp_path, capsys):
 
 def test_the_console_script_runs_the_cli():
     entry_points = importlib.metadata.entry_points(group="console_scripts", name="fam-hf")
-    assert [entry.value for entry in entry_points] == ["fam_hf.cli:main"]
+    assert [entry.load() for entry in entry_points] == [cli.main]  # fam_hf.cli:main re-exports it, for old installs
+    assert 'fam-hf = "fam_hf.commands.fam_hf_cli:main"' in (Path(__file__).parents[2] / "pyproject.toml").read_text()
 
 
 def test_compare_is_a_subcommand_that_refuses_an_unknown_arm(tmp_path, capsys):

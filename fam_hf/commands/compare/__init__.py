@@ -1,0 +1,93 @@
+"""``fam-hf compare``: does FAM help on *your* task? Paired seeds of plain, FAM and SAM on your own training command.
+
+One module per job: :mod:`.arms` (the arm grammar), :mod:`.command` (rewriting the user's command for one run),
+:mod:`.run` (running one run and reading its results), :mod:`.store` (the JSON-lines run log), :mod:`.backends`
+(local and Ray), :mod:`.study` (the study, its seed rules and the loop that runs it), :mod:`.report` (the paired
+differences, their reading, the markdown and the plot) and :mod:`.cli` (the command line, documented there).
+"""
+
+from ...defaults import DEFAULT_MODE, DEFAULT_SHARE, GRADIENT_MODES
+from .arms import ARM_HELP, BASELINE, DEFAULT_ARMS, DEFAULT_RHO, Arm, CompareError, parse_arm, parse_arms
+from .backends import LocalBackend, RayBackend
+from .cli import (
+    DESCRIPTION,
+    add_arguments,
+    build_parser,
+    compare_command,
+    compare_command_parser,
+    main,
+    study_from_args,
+)
+from .command import check_config_files, run_command, split_command, strip_flag
+from .report import (
+    CONFIRMATION,
+    JSON_NAME,
+    MD_NAME,
+    PNG_NAME,
+    SCREENING,
+    TIMING_METRICS,
+    build_report,
+    compare_stage,
+    markdown_report,
+    metric_names,
+    plot_report,
+    readings,
+    write_report,
+)
+from .run import RunSpec, execute_run, log_tail, read_eval_metrics, read_fam_settings, settings_problems
+from .store import RUNS_NAME, append_run, merge_runs, read_runs
+from .study import DEFAULT_OUT, DEFAULT_SEEDS, Study, run_study
+
+__all__ = [
+    "ARM_HELP",
+    "BASELINE",
+    "CONFIRMATION",
+    "DEFAULT_ARMS",
+    "DEFAULT_MODE",
+    "DEFAULT_OUT",
+    "DEFAULT_RHO",
+    "DEFAULT_SEEDS",
+    "DEFAULT_SHARE",
+    "DESCRIPTION",
+    "GRADIENT_MODES",
+    "JSON_NAME",
+    "MD_NAME",
+    "PNG_NAME",
+    "RUNS_NAME",
+    "SCREENING",
+    "TIMING_METRICS",
+    "Arm",
+    "CompareError",
+    "LocalBackend",
+    "RayBackend",
+    "RunSpec",
+    "Study",
+    "add_arguments",
+    "append_run",
+    "build_parser",
+    "build_report",
+    "check_config_files",
+    "compare_command",
+    "compare_command_parser",
+    "compare_stage",
+    "execute_run",
+    "log_tail",
+    "main",
+    "markdown_report",
+    "merge_runs",
+    "metric_names",
+    "parse_arm",
+    "parse_arms",
+    "plot_report",
+    "read_eval_metrics",
+    "read_fam_settings",
+    "read_runs",
+    "readings",
+    "run_command",
+    "run_study",
+    "settings_problems",
+    "split_command",
+    "strip_flag",
+    "study_from_args",
+    "write_report",
+]

@@ -1,0 +1,111 @@
+"""The fake training command of the ``fam-hf compare`` tests, and their helpers.
+
+The fake training command (``FAKE_TRAIN`` below) is pure Python and runs in a fraction of a second, so that resuming,
+refusals and the Ray backend are tested on many runs; its metrics follow from the settings it received (SAM adds 0.1
+to the accuracy, a calibrated FAM penalty adds a seed-dependent jitter around 0), so the expected differences are
+known by hand. The recipe and the user script are run for real, on tiny models, 2 arms x 2 seeds each.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+RECIPES = ROOT / "recipes"
+USER_SCRIPT = ROOT / "tests" / "scripts" / "user_train.py"
+FAST = ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--logging_steps", "1"]
+
+FAKE_TRAIN = r'''
+"""A stand-in training script: reads the flags compare appends (last one wins, as with HfArgumentParser)."""
+import argparse, json, os, sys, time
+from pathlib import Path
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--seed", type=int, default=42)
+parser.add_argument("--output_dir", required=True)
+parser.add_argument("--fam_lambda", type=float, default=None)
+parser.add_argument("--fam_share", type=float, default=0.001)
+parser.add_argument("--fam_gradient", default="head")
+parser.add_argument("--sam_rho", type=float, default=0.0)
+parser.add_argument("--control", required=True)  # JSON: {"fail_on": ["arm:seed"], "hang_on": "arm:seed", ...}
+args = parser.parse_args()
+control = json.loads(Path(args.control).read_text()) if Path(args.control).exists() else {}
+arm = os.environ["FAM_HF_COMPARE_ARM"]
+key = f"{arm}:{args.seed}"
+with open(control["marker"], "a") as handle:  # one line per invocation
+    handle.write(json.dumps({"key": key, "pid": os.getpid(), "ppid": os.getppid()}) + "\n")
+print(f"fake training {key}: fam_lambda={args.fam_lambda} sam_rho={args.sam_rho} fam_share={args.fam_share}")
+out = Path(args.output_dir)
+out.mkdir(parents=True, exist_ok=True)
+(out / "started").write_text(key)
+if key in control.get("fail_on", []):
+    print("Traceback (most recent call last):\nRuntimeError: boom, a simulated crash", file=sys.stderr)
+    sys.exit(3)
+if key == control.get("hang_on"):
+    Path(control["marker"] + ".hanging").write_text(key)
+    time.sleep(600)
+base = 0.6 + 0.01 * ((args.seed * 7) % 5)
+if args.sam_rho > 0:
+    accuracy = base + 0.1 + 0.01 * ((args.seed % 3) - 1)
+elif args.fam_lambda is None:
+    accuracy = base + [0.02, -0.03, 0.01, -0.015][args.seed % 4]
+else:
+    accuracy = base
+metrics = {"eval_accuracy": accuracy, "eval_loss": 1 - accuracy, "eval_runtime": 0.5, "epoch": 1.0}
+for omitted in control.get("omit", []):  # "arm:seed:metric"
+    if omitted.startswith(key + ":"):
+        metrics.pop(omitted.rsplit(":", 1)[1])
+(out / "started").unlink()
+settings = {"fam_lambda": args.fam_lambda, "fam_share": args.fam_share, "fam_gradient": args.fam_gradient,
+            "sam_rho": args.sam_rho}
+if control.get("ignore_flags"):
+    settings["fam_lambda"] = 0.5
+(out / "fam_config.json").write_text(json.dumps(settings))
+if not control.get("no_metrics"):
+    (out / "eval_results.json").write_text(json.dumps(metrics))
+'''
+
+
+class Fake:
+    """The fake command and its control file: ``set(...)`` changes its behaviour between invocations."""
+
+    def __init__(self, folder: Path) -> None:
+        self.script = folder / "fake_train.py"
+        self.script.write_text(FAKE_TRAIN)
+        self.control = folder / "control.json"
+        self.marker = folder / "invocations.jsonl"
+        self.set()
+
+    def set(self, **control) -> None:
+        self.control.write_text(json.dumps({"marker": str(self.marker), **control}))
+
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, str(self.script), "--seed", "7", "--fam_lambda", "0.3", "--control", str(self.control)]
+
+    def invocations(self) -> list[str]:
+        if not self.marker.exists():
+            return []
+        return [json.loads(line)["key"] for line in self.marker.read_text().splitlines()]
+
+
+def compare_main(out: Path, command: list[str], *options: str) -> int:
+    # imported here, not at the top: conftest.py imports this module before the session goes offline
+    from fam_hf.commands import compare
+
+    return compare.main([*options, "--out", str(out), "--", *command])
+
+
+def runs(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+
+
+def expected_accuracy(arm: str, seed: int) -> float:
+    base = 0.6 + 0.01 * ((seed * 7) % 5)
+    if arm.startswith("sam"):
+        return base + 0.1 + 0.01 * ((seed % 3) - 1)
+    if arm.startswith("fam"):
+        return base + [0.02, -0.03, 0.01, -0.015][seed % 4]
+    return base

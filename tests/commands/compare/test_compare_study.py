@@ -1,0 +1,174 @@
+"""A whole ``fam-hf compare`` study on the fake command (see ``compare_fake.py``): the report by hand, confirmation,
+missing metrics, resuming."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from compare_fake import compare_main, expected_accuracy, runs
+from launch import child_env
+
+from fam_hf.commands import compare
+
+
+def test_a_study_records_every_run_and_reports_paired_differences_by_hand(fake, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert compare_main(out, fake.command, "--seeds", "3") == 0
+    captured = capsys.readouterr()
+    assert "compare: 100%" in captured.err and "9/9" in captured.err  # the progress bar ran to the end
+    records = runs(out)
+    assert [(r["arm"], r["seed"]) for r in records] == [(a, s) for s in range(3) for a in ("plain", "fam", "sam")]
+    for record in records:
+        assert record["stage"] == "screening" and record["wall_s"] > 0 and record["settings_verified"] is True
+        assert record["base_command"] == fake.command and record["command"][-4:-2] == ["--seed", str(record["seed"])]
+        assert record["metrics"]["eval_accuracy"] == pytest.approx(expected_accuracy(record["arm"], record["seed"]))
+        assert Path(record["log"]) == out / "logs" / f"{record['arm']}-seed{record['seed']}.log"
+        assert "fake training" in Path(record["log"]).read_text()
+    # the settings reached the runs: the fake's fam_config.json echoes what it parsed
+    assert records[0]["settings_seen"]["fam_lambda"] == 0.0 and records[2]["settings_seen"]["sam_rho"] == 0.05
+    assert records[1]["settings_seen"]["fam_lambda"] is None  # the command's --fam_lambda 0.3 was removed
+    report = json.loads((out / "compare.json").read_text())
+    assert report["metrics"] == ["eval_loss", "eval_accuracy"]  # eval_runtime stays in runs.jsonl only
+    sam = report["screening"]["arms"]["sam"]["eval_accuracy"]
+    # sam - plain = 0.1 + 0.01 * (seed % 3 - 1): 0.09, 0.10, 0.11; mean 0.1, sd 0.01, t(0.975, 2) = 4.302653
+    assert sam["n"] == 3 and sam["mean"] == pytest.approx(0.1)
+    assert sam["ci95"] == pytest.approx([0.1 - 4.302653 * 0.01 / math.sqrt(3), 0.1 + 4.302653 * 0.01 / math.sqrt(3)])
+    assert sam["excludes_zero"] is True
+    assert report["screening"]["arms"]["sam"]["eval_loss"]["mean"] == pytest.approx(-0.1)
+    fam = report["screening"]["arms"]["fam"]["eval_accuracy"]
+    # fam - plain = 0.02, -0.03, 0.01: mean 0, sd 0.0264575, half width 4.302653 * 0.0264575 / sqrt(3) = 0.0657241
+    assert fam["mean"] == pytest.approx(0.0, abs=1e-12) and fam["ci95"] == pytest.approx(
+        [-0.0657241, 0.0657241], abs=1e-7
+    )
+    assert fam["excludes_zero"] is False
+    markdown = (out / "compare.md").read_text()
+    assert "| sam | eval_accuracy |" in markdown and "excludes 0 (screening only)" in markdown
+    assert "--confirm sam" in markdown and "winner's curse" in markdown
+    assert "fam vs plain, eval_accuracy" in markdown and "The interval includes 0: no difference shown" in markdown
+    assert (out / "compare.png").stat().st_size > 0 and report["plot"] == str(out / "compare.png")
+
+
+def test_confirm_reruns_the_arm_and_plain_on_fresh_seeds_and_says_so(fake, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert compare_main(out, fake.command, "--seeds", "2", "--arms", "plain", "sam", "fam", "--no-progress") == 0
+    first = len(fake.invocations())
+    confirm = ["--seeds", "2", "--arms", "plain", "sam", "fam", "--confirm-seeds", "3", "--no-progress"]
+    assert compare_main(out, fake.command, *confirm, "--confirm", "sam") == 0
+    fresh = fake.invocations()[first:]
+    assert fresh == ["plain:2", "sam:2", "plain:3", "sam:3", "plain:4", "sam:4"]  # after the screening seeds
+    confirmation = [(r["arm"], r["seed"]) for r in runs(out) if r["stage"] == "confirmation"]
+    assert confirmation == [("plain", 2), ("sam", 2), ("plain", 3), ("sam", 3), ("plain", 4), ("sam", 4)]
+    report = json.loads((out / "compare.json").read_text())
+    confirmed = report["confirmation"]["sam"]
+    assert confirmed["seeds"] == [2, 3, 4] and confirmed["metrics"]["eval_accuracy"]["seeds"] == [2, 3, 4]
+    assert report["screening"]["arms"]["sam"]["eval_accuracy"]["seeds"] == [0, 1]  # the stages are not pooled
+    # sam - plain on seeds 2, 3, 4: 0.11, 0.09, 0.10: mean 0.1, sd 0.01, half width 4.302653 * 0.01 / sqrt(3)
+    assert confirmed["metrics"]["eval_accuracy"]["ci95"] == pytest.approx([0.0751586, 0.1248414], abs=1e-7)
+    markdown = (out / "compare.md").read_text()
+    assert "## Confirmation of sam on fresh seeds (2-4)" in markdown
+    assert "CONFIRMED on fresh seeds 2-4: the interval excludes 0 (higher than plain)" in markdown
+    assert "**confirmed on fresh seeds**" in markdown
+    # screening sam on 2 seeds: 0.09, 0.10 -> +0.095 [+0.0315, +0.1585], which excludes 0 on the screening seeds only
+    assert "excludes 0 (screening only)" in markdown
+    # confirming fam (jitter around 0: 0.01, -0.015, 0.02 on seeds 2-4): not confirmed, in words; plain not rerun
+    assert compare_main(out, fake.command, *confirm, "--confirm", "fam") == 0
+    assert fake.invocations()[first + 6 :] == ["fam:2", "fam:3", "fam:4"]
+    markdown = (out / "compare.md").read_text()
+    assert "fam vs plain, eval_accuracy: +0.005 [" in markdown and "NOT confirmed on fresh seeds 2-4" in markdown
+    assert "## Confirmation of sam on fresh seeds (2-4)" in markdown  # earlier confirmations stay in the report
+    # screening may not grow into the seeds the confirmation used
+    capsys.readouterr()
+    assert compare_main(out, fake.command, "--seeds", "4", "--arms", "plain", "sam") == 2
+    assert "were confirmation seeds of this study" in capsys.readouterr().err
+
+
+def test_a_metric_missing_from_a_run_is_reported_not_guessed(fake, tmp_path):
+    out = tmp_path / "study"
+    fake.set(omit=["sam:1:eval_loss"])
+    assert compare_main(out, fake.command, "--seeds", "3", "--arms", "plain", "sam", "--no-progress") == 0
+    entry = json.loads((out / "compare.json").read_text())["screening"]["arms"]["sam"]["eval_loss"]
+    assert entry["n"] == 2 and entry["seeds"] == [0, 2] and entry["missing"] == [{"seed": 1, "arm": "sam"}]
+    assert "sam vs plain, eval_loss: missing (or not finite) in sam seed 1" in (out / "compare.md").read_text()
+    assert "eval_loss" not in runs(out)[3]["metrics"]  # recorded as it came
+    # asked for a metric no run reports: said so
+    assert compare_main(out, fake.command, "--seeds", "3", "--arms", "plain", "sam", "--metrics", "eval_f1") == 0
+    report = json.loads((out / "compare.json").read_text())
+    assert report["not_reported"] == ["eval_f1"] and report["screening"]["arms"]["sam"]["eval_f1"]["n"] == 0
+    assert "eval_f1: not reported by any run" in (out / "compare.md").read_text()
+
+
+# ---- resuming -------------------------------------------------------------------------------------------------------
+
+
+def test_a_failed_run_is_retried_on_resume_and_finished_runs_are_not_rerun(fake, tmp_path, capsys):
+    out = tmp_path / "study"
+    fake.set(fail_on=["sam:1"])
+    assert compare_main(out, fake.command, "--seeds", "2", "--arms", "plain", "sam", "--no-progress") == 1
+    assert fake.invocations() == ["plain:0", "sam:0", "plain:1", "sam:1"]
+    assert [(r["arm"], r["seed"]) for r in runs(out)] == [("plain", 0), ("sam", 0), ("plain", 1)]
+    assert "sam seed 1 did not finish" in (out / "compare.md").read_text()
+    fake.set()
+    assert compare_main(out, fake.command, "--seeds", "2", "--arms", "plain", "sam", "--no-progress") == 0
+    assert fake.invocations()[4:] == ["sam:1"]
+    assert sorted((r["arm"], r["seed"]) for r in runs(out)) == [("plain", 0), ("plain", 1), ("sam", 0), ("sam", 1)]
+    assert json.loads((out / "compare.json").read_text())["screening"]["arms"]["sam"]["eval_accuracy"]["n"] == 2
+    # everything done: a third call runs nothing and writes the same report
+    assert compare_main(out, fake.command, "--seeds", "2", "--arms", "plain", "sam", "--no-progress") == 0
+    assert len(fake.invocations()) == 5
+
+
+def test_a_killed_study_resumes_without_rerunning_or_double_counting(fake, tmp_path):
+    out = tmp_path / "study"
+    fake.set(hang_on="sam:1")
+    study = subprocess.Popen(
+        [sys.executable, "-m", "fam_hf.commands.compare", "--seeds", "2", "--arms", "plain", "sam", "--out", str(out)]
+        + ["--no-progress", "--", *fake.command],
+        cwd=tmp_path,
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the kill below takes compare and its run down together
+    )
+    hanging = Path(str(fake.marker) + ".hanging")
+    try:
+        deadline = time.monotonic() + 120
+        while not hanging.exists():
+            assert study.poll() is None and time.monotonic() < deadline, "the study ended before its run hung"
+            time.sleep(0.2)
+    finally:
+        os.killpg(study.pid, signal.SIGKILL)
+        study.wait()
+    assert fake.invocations() == ["plain:0", "sam:0", "plain:1", "sam:1"]
+    assert [(r["arm"], r["seed"]) for r in runs(out)] == [("plain", 0), ("sam", 0), ("plain", 1)]
+    assert (out / "runs" / "sam-seed1" / "started").exists()  # what the killed run left behind
+    fake.set()
+    assert compare_main(out, fake.command, "--seeds", "2", "--arms", "plain", "sam", "--no-progress") == 0
+    assert fake.invocations()[4:] == ["sam:1"]
+    assert len(runs(out)) == 4 and len({(r["arm"], r["seed"]) for r in runs(out)}) == 4
+    assert sorted(p.name for p in (out / "runs" / "sam-seed1").iterdir()) == ["eval_results.json", "fam_config.json"]
+
+
+def test_a_record_cut_short_by_a_kill_does_not_count(fake, tmp_path):
+    out = tmp_path / "study"
+    assert compare_main(out, fake.command, "--seeds", "2", "--arms", "plain", "sam", "--no-progress") == 0
+    lines = (out / "runs.jsonl").read_text().splitlines()
+    (out / "runs.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])  # killed while writing sam:1
+    with pytest.warns(UserWarning, match="not a complete record"):
+        assert compare_main(out, fake.command, "--seeds", "2", "--arms", "plain", "sam", "--no-progress") == 0
+    assert fake.invocations()[4:] == ["sam:1"]
+    assert [(r["arm"], r["seed"]) for r in compare.read_runs(out / "runs.jsonl")][-1] == ("sam", 1)
+
+
+def test_another_command_in_the_same_folder_is_refused(fake, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert compare_main(out, fake.command, "--seeds", "2", "--arms", "plain", "sam", "--no-progress") == 0
+    assert compare_main(out, fake.command + ["--extra"], "--seeds", "2", "--arms", "plain", "sam") == 2
+    assert "holds a study of another command" in capsys.readouterr().err
