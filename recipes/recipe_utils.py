@@ -155,7 +155,9 @@ def train_and_evaluate(
     """Run the train and eval phases the arguments ask for; save model, metrics and ``trainer_state.json``.
 
     With neither ``--do_train`` nor ``--do_eval`` given, both run: a recipe is mostly run to train.
-    ``perplexity`` adds ``eval_perplexity = exp(eval_loss)``, for language models.
+    ``perplexity`` adds ``eval_perplexity = exp(eval_loss)``, for language models. When evaluations ran during
+    training, ``eval_best_loss`` and ``eval_best_step`` give the lowest eval loss over them and the final one, so that
+    early stopping is part of any comparison of runs (``fam-hf compare`` reports every ``eval_*`` metric).
     """
     do_train, do_eval = training_args.do_train, training_args.do_eval
     if not (do_train or do_eval or training_args.do_predict):
@@ -172,10 +174,20 @@ def train_and_evaluate(
         evaluation = trainer.evaluate()
         if perplexity and "eval_loss" in evaluation:
             evaluation["eval_perplexity"] = math.exp(min(evaluation["eval_loss"], 50.0))
+        evaluation.update(best_eval_loss(trainer.state.log_history))
         trainer.log_metrics("eval", evaluation)
         trainer.save_metrics("eval", evaluation)
         metrics.update(evaluation)
     return metrics
+
+
+def best_eval_loss(log_history: list[dict[str, Any]]) -> dict[str, float]:
+    """Return ``eval_best_loss`` and ``eval_best_step``: the lowest ``eval_loss`` logged and its step ({} if none)."""
+    evaluations = [(entry["eval_loss"], entry.get("step", 0)) for entry in log_history if "eval_loss" in entry]
+    if not evaluations:
+        return {}
+    loss, step = min(evaluations)
+    return {"eval_best_loss": loss, "eval_best_step": step}
 
 
 def _as_flags(values: dict[str, Any]) -> list[str]:

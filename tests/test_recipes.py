@@ -296,8 +296,23 @@ def test_causal_lm_prompt_completion_trains_the_completion_with_full_gradient_an
     assert not any(p.requires_grad for p in head.parameters())  # full mode: the penalty reaches the adapters
     result = recipe.main(argv)
     assert_fam_run(output, result, steps=3)
+    assert (result["eval_best_loss"], result["eval_best_step"]) == (result["eval_loss"], 3)  # one evaluation: the last
     adapter = json.loads((output / "adapter_config.json").read_text())
     assert "lm_head" not in adapter["target_modules"] and not adapter["modules_to_save"]
+
+
+def test_best_eval_loss_is_the_lowest_evaluation_and_its_step():
+    load_recipe("causal_lm")
+    from recipe_utils import best_eval_loss
+
+    history = [
+        {"loss": 3.0, "step": 5},
+        {"eval_loss": 2.5, "step": 10},
+        {"eval_loss": 2.2, "step": 20},
+        {"eval_loss": 2.4, "step": 30},
+    ]
+    assert best_eval_loss(history) == {"eval_best_loss": 2.2, "eval_best_step": 20}
+    assert best_eval_loss([{"loss": 3.0, "step": 5}]) == {}
 
 
 def test_offline_causal_lm_config_parses_with_trl_options_and_builds_the_headline_task(monkeypatch):
