@@ -81,9 +81,8 @@ def test_search_trials_each_calibrate_their_own_lambda(tmp_path):
     assert lambda_1 * flatness_1 == pytest.approx(0.01 * task_1, rel=1e-6)  # calibrated in float32
 
 
-def _resumable_args(tmp_path, **extra):
-    return FAMTrainingArguments(
-        output_dir=str(tmp_path),
+def _resumable_args(tmp_path, **overrides):
+    settings = dict(
         per_device_train_batch_size=2,
         max_steps=6,
         logging_steps=2,
@@ -94,8 +93,8 @@ def _resumable_args(tmp_path, **extra):
         disable_tqdm=True,
         seed=7,
         fam_share=0.05,
-        **extra,
     )
+    return FAMTrainingArguments(output_dir=str(tmp_path), **{**settings, **overrides})
 
 
 def _fam_logs(trainer):
@@ -290,21 +289,7 @@ def _lm_trainer(output_dir, **extra) -> FAMTrainer:
     """A tiny Llama at the default row budget, 8 steps of 8 examples (40 counted tokens, of which "auto" samples
     its minimum of 32), checkpoint at 4."""
     model = build("llama", "causal_lm")
-    args = FAMTrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=8,
-        max_steps=8,
-        save_steps=4,
-        logging_steps=2,
-        learning_rate=0.05,
-        use_cpu=True,
-        report_to=[],
-        disable_tqdm=True,
-        seed=3,
-        fam_gradient="full",
-        fam_share=0.05,
-        **extra,
-    )
+    args = _resumable_args(output_dir, per_device_train_batch_size=8, max_steps=8, seed=3, fam_gradient="full", **extra)
     data = as_dataset(batch_for(model, size=64))
     return FAMTrainer(model=model, args=args, train_dataset=data, data_collator=collator(torch.float64))
 

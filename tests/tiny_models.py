@@ -21,6 +21,16 @@ from fam_hf.reference import hessian_relative_flatness
 VOCAB = 40
 SEQ = 6
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+DECODER = dict(
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    intermediate_size=24,
+    vocab_size=VOCAB,
+    max_position_embeddings=32,
+    pad_token_id=0,
+)
 BERT_LIKE = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24, vocab_size=VOCAB)
 
 CONFIGS = {
@@ -53,32 +63,14 @@ CONFIGS = {
         num_labels=3,
         pad_token_id=0,
     ),
-    "llama": lambda: AutoConfig.for_model(
-        "llama",
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=24,
-        vocab_size=VOCAB,
-        max_position_embeddings=32,
-        pad_token_id=0,
-        num_labels=3,
-    ),
+    "llama": lambda: AutoConfig.for_model("llama", **DECODER, num_labels=3),
     "gemma2": lambda: AutoConfig.for_model(
-        "gemma2",
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        intermediate_size=24,
-        vocab_size=VOCAB,
-        max_position_embeddings=32,
-        pad_token_id=0,
-        final_logit_softcapping=2.0,
-        attention_dropout=0.0,
+        "gemma2", **DECODER, head_dim=8, final_logit_softcapping=2.0, attention_dropout=0.0
     ),
+    # families that scale the head's output before their loss, as their configs document (untied heads: the brute
+    # force replaces the head's weight alone)
+    "granite": lambda: AutoConfig.for_model("granite", **DECODER, tie_word_embeddings=False, logits_scaling=8.0),
+    "cohere": lambda: AutoConfig.for_model("cohere", **DECODER, tie_word_embeddings=False, logit_scale=0.25),
     "vit": lambda: AutoConfig.for_model(
         "vit",
         hidden_size=16,
@@ -92,23 +84,6 @@ CONFIGS = {
         **NO_DROPOUT,
     ),
 }
-
-
-# Families that scale the head's output before their loss, as their configs document (untied heads: the brute force
-# replaces the head's weight alone)
-SCALED = dict(
-    hidden_size=16,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    intermediate_size=24,
-    vocab_size=VOCAB,
-    max_position_embeddings=32,
-    pad_token_id=0,
-    tie_word_embeddings=False,
-)
-CONFIGS["granite"] = lambda: AutoConfig.for_model("granite", **SCALED, logits_scaling=8.0)
-CONFIGS["cohere"] = lambda: AutoConfig.for_model("cohere", **SCALED, logit_scale=0.25)
 
 
 def build(model_type: str, task: str = "sequence", seed: int = 0, dtype=torch.float64) -> torch.nn.Module:
