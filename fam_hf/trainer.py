@@ -317,8 +317,11 @@ class FAMMixin:
     def _fam_seen(self, seen: list[BatchFlatness], probe: FlatnessProbe) -> BatchFlatness:
         if not seen:
             raise RuntimeError(
-                f"The head {probe.head_name!r} did not run in the forward pass; set fam_layer to the layer that "
-                "produces the logits."
+                f"FAM cannot certify the penalty: the head {probe.head_name!r} did not run in the forward pass of "
+                f"{type(self).__name__}, so the loss it trains on was not computed from that head's output (TRL's "
+                "DPO and GRPO trainers call a fused LM head that skips it). Set fam_layer to the layer that produces "
+                "the logits the loss reads; or, for a trainer whose loss FAM does not reproduce, measure relative "
+                "flatness with callbacks=[fam_hf.RelativeFlatnessCallback()] instead."
             )
         return seen[0]
 

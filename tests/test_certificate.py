@@ -177,6 +177,44 @@ def test_a_loss_computed_outside_the_model_is_refused_or_measured_with_a_warning
     assert "the batch has no labels for the head's loss" in caplog.text
 
 
+def test_fam_on_trl_dpo_is_refused_with_the_callback_as_the_way_to_measure(tmp_path):
+    """DPO's preference loss never runs the head (TRL 1.x scores through a fused LM head): FAM cannot penalize it."""
+    trl = pytest.importorskip("trl")
+    from dataclasses import dataclass
+
+    from tiny_models import tiny_tokenizer
+
+    from fam_hf import FAMTrainingArguments
+
+    @dataclass
+    class FAMDPOConfig(trl.DPOConfig, FAMTrainingArguments):
+        pass
+
+    class FAMDPOTrainer(FAMMixin, trl.DPOTrainer):
+        pass
+
+    rows = {"prompt": ["w3 w4 w5", "w6 w7"], "chosen": ["w13 w14", "w15"], "rejected": ["w19", "w20 w21"]}
+    args = FAMDPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=1,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        save_strategy="no",
+        fam_lambda=LAMBDA,
+    )
+    trainer = FAMDPOTrainer(
+        model=build("llama", "causal_lm", dtype=torch.float32),
+        ref_model=build("llama", "causal_lm", dtype=torch.float32),
+        args=args,
+        train_dataset=Dataset.from_dict(rows),
+        processing_class=tiny_tokenizer(),
+    )
+    with pytest.raises(RuntimeError, match="'lm_head' did not run.*FAMDPOTrainer.*RelativeFlatnessCallback"):
+        trainer.train()
+
+
 def test_a_subclass_whose_compute_loss_bypasses_fam_is_refused_on_its_first_step(tmp_path):
     model = build("bert", "sequence")
     with pytest.raises(RuntimeError, match="OverridingTrainer.compute_loss.*super\\(\\).compute_loss"):
