@@ -121,3 +121,26 @@ def test_row_sampling_smoke_reports_every_budget_against_the_exact_penalty(tmp_p
         for budget in entry["budgets"].values():
             assert budget["rows"] < entry["counted_rows"]  # every budget really samples on this wide head
             assert abs(budget["relative_bias"]) < 0.05 and budget["relative_std"] >= 0
+
+
+def test_eval_curves_pair_each_arm_with_plain_by_seed_at_every_step(tmp_path):
+    """Three seeds of two arms with known eval losses: the paired difference at each step is the per-seed one."""
+    from benchmarks.eval_curves import load_curves, summarize, table
+
+    losses = {
+        "plain": {10: [3.0, 3.2, 3.1], 20: [2.5, 2.7, 2.6]},
+        "fam:full@0.1": {10: [2.9, 3.0, 3.0], 20: [2.5, 2.6, 2.6]},
+    }
+    for arm, by_step in losses.items():
+        for seed in range(3):
+            history = [{"step": step, "eval_loss": values[seed]} for step, values in by_step.items()]
+            run = tmp_path / "runs" / f"{arm}-seed{seed}"
+            run.mkdir(parents=True)
+            (run / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    summary = summarize(load_curves(tmp_path, ["eval_loss"]))
+    at_10 = summary["eval_loss"]["fam:full@0.1"][10]["paired_difference"]
+    assert at_10["n"] == 3 and at_10["mean"] == pytest.approx((-0.1 - 0.2 - 0.1) / 3)
+    assert summary["eval_loss"]["plain"][20]["mean"] == pytest.approx(2.6)
+    assert "-0.1333" in table(summary, "eval_loss") and "fam:full@0.1 - plain" in table(summary, "eval_loss")
+    _run_script("benchmarks/eval_curves.py", str(tmp_path), "--metrics", "eval_loss", tmp_path=tmp_path)
+    assert (tmp_path / "eval_curves.png").is_file() and (tmp_path / "eval_curves.json").is_file()
