@@ -1,6 +1,7 @@
 """fam_hf: Relative Flatness Aware Minimization (FAM) as a one-line change to a transformers Trainer."""
 
 from .callback import RelativeFlatnessCallback
+from .certificate import LossMismatchError
 from .config import FAMTrainingArguments
 from .flatness import flatness_sum, inputs_for_gradient, relative_flatness
 from .head import find_head
@@ -19,6 +20,7 @@ __all__ = [
     "FAMTrainingArguments",
     "FlatnessProbe",
     "FlatnessReport",
+    "LossMismatchError",
     "RelativeFlatnessCallback",
     "SAMMixin",
     "find_head",
