@@ -31,19 +31,32 @@ RUN_NAME = re.compile(r"^(?P<arm>.+)-seed(?P<seed>\d+)$")
 def load_curves(study: Path, metrics: list[str]) -> dict[str, dict[str, dict[int, dict[int, float]]]]:
     """Return ``curves[metric][arm][step][seed]`` from the study's run folders (runs without a state are skipped)."""
     curves: dict = {metric: defaultdict(lambda: defaultdict(dict)) for metric in metrics}
-    for run_dir in sorted((study / "runs").iterdir()):
-        match = RUN_NAME.match(run_dir.name)
-        if match is None:
-            continue
+    for run_dir, arm, seed in study_runs(study):
         try:
             run = load_run(run_dir)
         except FileNotFoundError:
             continue
-        arm, seed = match["arm"], int(match["seed"])
         for metric in metrics:
             for step, value in run.series.get(metric, []):
                 curves[metric][arm][step][seed] = value
     return curves
+
+
+def study_runs(study: Path) -> list[tuple[Path, str, int]]:
+    """Return ``(run folder, arm, seed)`` of each run under ``<study>/runs``: the arm's name as ``runs.jsonl``
+    records it (``plain+learning_rate=2e-3``), else as the folder spells it (``plain+learning_rate_2e-3``)."""
+    names = {}
+    record_file = study / "runs.jsonl"
+    if record_file.is_file():
+        for line in record_file.read_text().splitlines():
+            record = json.loads(line)
+            names[Path(record["output_dir"]).name] = record["arm"]
+    found = []
+    for run_dir in sorted((study / "runs").iterdir()):
+        match = RUN_NAME.match(run_dir.name)
+        if match is not None and run_dir.is_dir():
+            found.append((run_dir, names.get(run_dir.name, match["arm"]), int(match["seed"])))
+    return found
 
 
 def summarize(curves: dict, baseline: str = "plain") -> dict:

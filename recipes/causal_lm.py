@@ -57,7 +57,8 @@ from recipe_utils import (
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from fam_hf import FAMTrainer, FAMTrainingArguments, find_head
-from fam_hf.tools.packaged import HEADLINE_DATA, PACKAGED_DATA, load_pretrained, resolve_model
+from fam_hf.tools.calibration import next_token_calibration
+from fam_hf.tools.packaged import HEADLINE_DATA, LEAD_DATA, PACKAGED_DATA, load_pretrained, resolve_model
 
 try:  # chats go through TRL's SFTTrainer when TRL is installed
     from fam_hf.sft import FAMSFTConfig, FAMSFTTrainer
@@ -124,6 +125,14 @@ class ModelArguments(HubArguments):
             "fam_gradient head or weights, whose penalty trains only the head (FAM refuses a frozen head)."
         },
     )
+    train_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Divide the logits by this in training only (evaluation sees them as they are). Above 1 the "
+            "model learns larger logits, so its evaluated predictions are sharper: a control for a method that "
+            "lowers the predictions' entropy."
+        },
+    )
 
 
 @dataclass
@@ -131,7 +140,11 @@ class DataArguments(SplitArguments):
     """Which texts or chats to train on, and how long they may be."""
 
     dataset_name: str | None = field(
-        default=None, metadata={"help": f"Hub dataset of texts or chats, or the packaged {HEADLINE_DATA}."}
+        default=None,
+        metadata={
+            "help": f"Hub dataset of texts or chats, or a packaged task: {HEADLINE_DATA} (article in, headline out) "
+            f"or {LEAD_DATA} (headline in, the article's first sentence out)."
+        },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration, if it has several."})
     train_file: str | None = field(default=None, metadata={"help": "Local JSON(L), CSV or .txt training file."})
@@ -146,14 +159,26 @@ class DataArguments(SplitArguments):
         },
     )
     max_article_words: int = field(
-        default=40, metadata={"help": f"{HEADLINE_DATA}: words of each article kept in the prompt."}
+        default=40,
+        metadata={"help": f"{HEADLINE_DATA}: words of each article in the prompt; {LEAD_DATA}: of each answer."},
     )
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Train and evaluate as the arguments say; return the final metrics (with ``eval_perplexity``)."""
+    """Train and evaluate as the arguments say; return the final metrics (with ``eval_perplexity`` and the
+    calibration of the next-token predictions: ``eval_ece``, ``eval_confidence``, ``eval_top1_accuracy``)."""
     trainer, training_args = build_trainer(argv)
-    return train_and_evaluate(trainer, training_args, perplexity=True)
+    return train_and_evaluate(trainer, training_args, perplexity=True, extra_eval=calibration)
+
+
+def calibration(trainer) -> dict[str, float]:
+    """Return the expected calibration error of the trained model's next-token predictions on the eval data."""
+    measured = next_token_calibration(trainer.model, trainer.get_eval_dataloader())
+    return {
+        "eval_ece": measured["ece"],
+        "eval_confidence": measured["confidence"],
+        "eval_top1_accuracy": measured["accuracy"],
+    }
 
 
 def build_trainer(argv: list[str] | None = None):
@@ -180,6 +205,8 @@ def build_trainer(argv: list[str] | None = None):
     model = load_pretrained(AutoModelForCausalLM, model_path, dtype=DTYPES[model_args.dtype], **model_args.hub_kwargs())
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if model_args.train_temperature != 1.0:
+        with_training_temperature(model, model_args.train_temperature)
     if model_args.use_peft:
         model = with_lora(model, model_args, training_args, sft=sft)
 
@@ -211,12 +238,13 @@ def parse_recipe_arguments(argv: list[str] | None = None) -> tuple:
 
 def load_data(data_args: DataArguments, seed: int, cache_dir: str | None = None) -> DatasetDict:
     """Return ``train`` and ``validation`` splits: the packaged headline task, a hub dataset or local files."""
-    if data_args.dataset_name != HEADLINE_DATA:
+    if data_args.dataset_name not in (HEADLINE_DATA, LEAD_DATA):
         return load_splits(data_args, seed, cache_dir)
-    from fam_hf.tools.packaged import headline_examples, load_headline_task  # the task as prompt/completion chats
+    from fam_hf.tools.packaged import headline_examples, lead_examples, load_headline_task  # prompt/completion chats
 
     texts = load_headline_task(PACKAGED_DATA, caller="recipes/causal_lm.py")
-    records = Dataset.from_list(headline_examples(texts, data_args.max_article_words))
+    examples = headline_examples if data_args.dataset_name == HEADLINE_DATA else lead_examples
+    records = Dataset.from_list(examples(texts, data_args.max_article_words))
     return with_validation_split(DatasetDict({"train": records}), data_args.validation_split_percentage, seed)
 
 
@@ -299,7 +327,27 @@ def plain_trainer(model, tokenizer, raw: DatasetDict, kind: str, data_args, trai
     )
 
 
-# ---- LoRA ----------------------------------------------------------------------------------------------------
+# ---- the model ----------------------------------------------------------------------------------------------------
+
+
+def with_training_temperature(model: torch.nn.Module, temperature: float) -> None:
+    """Make the model's logits ``logits / temperature`` in training mode (``model.train()``) only.
+
+    The decoder's output (the head's input) is divided, so the fused LM head of TRL, which reads the decoder's output
+    and ``lm_head.weight``, sees the same logits as the model's own forward; the head must have no bias for that.
+    """
+    if not temperature > 0:
+        raise ValueError(f"--train_temperature must be > 0, got {temperature}.")
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise ValueError("--train_temperature needs a linear output layer without a bias (it divides its input).")
+
+    def divide(module: torch.nn.Module, args: tuple, output):
+        if module.training:
+            output.last_hidden_state = output.last_hidden_state / temperature
+        return output
+
+    model.get_decoder().register_forward_hook(divide)
 
 
 def with_lora(

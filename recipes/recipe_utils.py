@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,10 @@ def take(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
 
 
 def train_and_evaluate(
-    trainer: transformers.Trainer, training_args: transformers.TrainingArguments, perplexity: bool = False
+    trainer: transformers.Trainer,
+    training_args: transformers.TrainingArguments,
+    perplexity: bool = False,
+    extra_eval: Callable[[transformers.Trainer], dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """Run the train and eval phases the arguments ask for; save model, metrics and ``trainer_state.json``.
 
@@ -158,6 +162,7 @@ def train_and_evaluate(
     ``perplexity`` adds ``eval_perplexity = exp(eval_loss)``, for language models. When evaluations ran during
     training, ``eval_best_loss`` and ``eval_best_step`` give the lowest eval loss over them and the final one, so that
     early stopping is part of any comparison of runs (``fam-hf compare`` reports every ``eval_*`` metric).
+    ``extra_eval(trainer)`` returns more ``eval_*`` metrics of the final model, saved with the rest.
     """
     do_train, do_eval = training_args.do_train, training_args.do_eval
     if not (do_train or do_eval or training_args.do_predict):
@@ -175,6 +180,8 @@ def train_and_evaluate(
         if perplexity and "eval_loss" in evaluation:
             evaluation["eval_perplexity"] = math.exp(min(evaluation["eval_loss"], 50.0))
         evaluation.update(best_eval_loss(trainer.state.log_history))
+        if extra_eval is not None:
+            evaluation.update(extra_eval(trainer))
         trainer.log_metrics("eval", evaluation)
         trainer.save_metrics("eval", evaluation)
         metrics.update(evaluation)

@@ -144,3 +144,34 @@ def test_eval_curves_pair_each_arm_with_plain_by_seed_at_every_step(tmp_path):
     assert "-0.1333" in table(summary, "eval_loss") and "fam:full@0.1 - plain" in table(summary, "eval_loss")
     _run_script("benchmarks/eval_curves.py", str(tmp_path), "--metrics", "eval_loss", tmp_path=tmp_path)
     assert (tmp_path / "eval_curves.png").is_file() and (tmp_path / "eval_curves.json").is_file()
+
+
+def test_study_summary_pairs_metrics_and_step_times_with_plain_by_seed(tmp_path):
+    """Two seeds of two arms with known metrics and timings: differences and step-time ratios by hand."""
+    from benchmarks.study_summary import step_time, summarize_study, table
+
+    losses = {"plain": [3.0, 3.2], "plain+learning_rate=2e-3": [2.9, 3.3]}
+    # 10 steps; 4 s of evaluations during training, 1 s after it (not counted: it follows train_runtime)
+    timings = {"plain": [24.0, 34.0], "plain+learning_rate=2e-3": [34.0, 34.0]}
+    records = []
+    for arm, values in losses.items():
+        for seed in range(2):
+            run = tmp_path / "runs" / f"{arm.replace('=', '_')}-seed{seed}"
+            run.mkdir(parents=True)
+            history = [
+                {"eval_loss": 9.0, "eval_runtime": 4.0, "step": 5},
+                {"train_runtime": timings[arm][seed], "step": 10},
+                {"eval_loss": values[seed], "eval_runtime": 1.0, "step": 10},
+            ]
+            (run / "trainer_state.json").write_text(json.dumps({"global_step": 10, "log_history": history}))
+            metrics = {"eval_loss": values[seed]}
+            records.append({"arm": arm, "seed": seed, "output_dir": str(run), "metrics": metrics})
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert step_time({"global_step": 10, "log_history": [{"eval_runtime": 4.0}, {"train_runtime": 24.0}]}) == 2.0
+    summary = summarize_study(tmp_path, ["eval_loss"])
+    control = summary["arms"]["plain+learning_rate=2e-3"]
+    assert control["metrics"]["eval_loss"]["mean"] == pytest.approx(0.0) and control["metrics"]["eval_loss"]["n"] == 2
+    assert control["metrics"]["eval_loss"]["plain_mean"] == pytest.approx(3.1)
+    # step times: plain 2.0 and 3.0 s, the control 3.0 and 3.0 s: ratios 1.5 and 1.0
+    assert control["step_time_ratio"]["mean"] == pytest.approx(1.25) and control["step_time_ratio"]["n"] == 2
+    assert "`plain+learning_rate=2e-3`" in table(summary, ["eval_loss"]) and "1.250" in table(summary, ["eval_loss"])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from launch import free_port, needs_torch_distributed, run, torchrun
 
@@ -297,6 +298,8 @@ def test_causal_lm_prompt_completion_trains_the_completion_with_full_gradient_an
     result = recipe.main(argv)
     assert_fam_run(output, result, steps=3)
     assert (result["eval_best_loss"], result["eval_best_step"]) == (result["eval_loss"], 3)  # one evaluation: the last
+    saved = json.loads((output / "all_results.json").read_text())  # calibration of the final model, saved with the rest
+    assert 0 <= saved["eval_ece"] <= 1 and 0 < saved["eval_confidence"] <= 1 and saved["eval_ece"] == result["eval_ece"]
     adapter = json.loads((output / "adapter_config.json").read_text())
     assert "lm_head" not in adapter["target_modules"] and not adapter["modules_to_save"]
 
@@ -440,3 +443,47 @@ def test_accelerate_configs_load_and_cover_each_strategy():
     assert {kinds["multi_gpu_bf16"][1], kinds["multi_gpu_fp16"][1]} == {"bf16", "fp16"}
     assert kinds["fsdp2"][0] == "FSDP" and configs["fsdp2"].fsdp_config["fsdp_version"] == 2
     assert [configs[f"deepspeed_zero{s}"].deepspeed_config["zero_stage"] for s in (2, 3)] == [2, 3]
+
+
+def test_train_temperature_divides_the_logits_in_training_only_on_both_loss_paths(llama_lm):
+    from transformers import AutoModelForCausalLM
+
+    recipe = load_recipe("causal_lm")
+    model = AutoModelForCausalLM.from_pretrained(llama_lm, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :2] = -100
+    with torch.no_grad():
+        plain = model.eval()(input_ids=input_ids).logits
+    recipe.with_training_temperature(model, 2.0)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=input_ids).logits, plain)  # evaluation sees the logits as they are
+        torch.testing.assert_close(model.train()(input_ids=input_ids).logits, plain / 2, rtol=1e-12, atol=1e-12)
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    trl_utils.add_fused_lm_head(model)  # TRL's fused head reads the decoder's output: the same temperature
+    with torch.no_grad():
+        fused = model.train()(input_ids=input_ids, labels=labels, fused_lm_head=True).loss
+    expected = torch.nn.functional.cross_entropy((plain / 2)[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    torch.testing.assert_close(fused.double(), expected, rtol=1e-6, atol=0)  # TRL's kernel is float32
+    with pytest.raises(ValueError, match="must be > 0"):
+        recipe.with_training_temperature(model, 0.0)
+
+
+def test_the_lead_task_puts_the_headline_in_and_the_first_sentence_out(monkeypatch):
+    recipe = load_recipe("causal_lm")
+    import fam_hf.tools.packaged as packaged
+
+    articles = [f"Headline {i}\n\nFirst sentence of story {i}. Second one. Third" for i in range(10)]
+    articles.append("No sentence end\n\nwords without a full stop")  # skipped: no first sentence to learn
+    monkeypatch.setattr(packaged, "load_headline_task", lambda *args, **kwargs: articles)
+    _, data_args, _ = recipe.parse_recipe_arguments(
+        ["--model_name_or_path", "m", "--dataset_name", packaged.LEAD_DATA, "--output_dir", "unused"]
+    )
+    raw = recipe.load_data(data_args, seed=0)
+    records = [*raw["train"], *raw["validation"]]
+    assert len(records) == 10
+    record = next(r for r in records if r["prompt"][1]["content"] == "Headline 3")
+    assert record["prompt"][0] == {"role": "system", "content": packaged.LEAD_PROMPT}
+    assert record["completion"] == [{"role": "assistant", "content": "First sentence of story 3."}]
+    assert packaged.lead_examples(articles[:1], max_words=2)[0]["completion"][0]["content"] == "First sentence."

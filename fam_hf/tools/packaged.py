@@ -32,6 +32,8 @@ PACKAGED_LM = "SmolLM2-135M-Instruct"
 TEXT_SUFFIXES = (".txt",)
 HEADLINE_DATA = "bbc-news-headlines"  # the headline task built from BBC News by headline_examples
 SYSTEM_PROMPT = "Write the headline of this BBC News article."
+LEAD_DATA = "bbc-news-leads"  # a second task from the same articles, by lead_examples: headline in, first sentence out
+LEAD_PROMPT = "Write the first sentence of a BBC News article with this headline."
 CUDA_NOTE = "(--no-deps matters: its declared dependencies would pull a multi-GB CUDA build of torch)"
 
 
@@ -200,17 +202,35 @@ def headline_examples(texts: list[str], max_words: int = 40) -> list[dict[str, l
     records = []
     for text in texts:
         parts = split_headline(text)
+        if parts is not None:
+            headline, body = parts
+            records.append(_chat(SYSTEM_PROMPT, " ".join(body.split()[:max_words]), headline))
+    return records
+
+
+def lead_examples(texts: list[str], max_words: int = 40) -> list[dict[str, list[dict[str, str]]]]:
+    """Return prompt/completion records of the lead task: the headline in, the article's first sentence out.
+
+    A second task on the same articles with another prompt and a longer, freer answer than a headline; the sentence
+    is cut at its first full stop followed by a space (and at ``max_words`` words). Articles without one are skipped.
+    """
+    records = []
+    for text in texts:
+        parts = split_headline(text)
         if parts is None:
             continue
         headline, body = parts
-        article = " ".join(body.split()[:max_words])
-        records.append(
-            {
-                "prompt": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": article}],
-                "completion": [{"role": "assistant", "content": headline}],
-            }
-        )
+        sentence, stop, _ = body.partition(". ")
+        if stop and sentence.split():
+            records.append(_chat(LEAD_PROMPT, headline, " ".join(sentence.split()[:max_words]) + "."))
     return records
+
+
+def _chat(system: str, user: str, assistant: str) -> dict[str, list[dict[str, str]]]:
+    return {
+        "prompt": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+        "completion": [{"role": "assistant", "content": assistant}],
+    }
 
 
 def load_headline_task(

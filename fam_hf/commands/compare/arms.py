@@ -1,5 +1,5 @@
-"""The arms of a study: their grammar (``plain``, ``fam``, ``fam:MODE@SHARE``, ``sam``, ``sam:RHO``) and the FAM/SAM
-settings each gives a run."""
+"""The arms of a study: their grammar (``plain``, ``fam``, ``fam:MODE@SHARE``, ``sam``, ``sam:RHO``, each optionally
+followed by ``+FIELD=VALUE`` controls) and the settings each gives a run."""
 
 from __future__ import annotations
 
@@ -18,8 +18,11 @@ ARM_HELP = (
     f"plain (fam_lambda=0, sam_rho=0), fam (fam_lambda unset: calibrated to fam_share={DEFAULT_SHARE:g}, "
     f"fam_gradient={DEFAULT_MODE}), "
     f"fam:MODE@SHARE (MODE one of {', '.join(GRADIENT_MODES)}; SHARE > 0; e.g. fam:weights@0.02), sam (fam_lambda=0, "
-    f"sam_rho={DEFAULT_RHO:g}) or sam:RHO (RHO > 0)"
+    f"sam_rho={DEFAULT_RHO:g}) or sam:RHO (RHO > 0); any of them followed by +FIELD=VALUE, another setting of the "
+    "command for that arm (a control: plain+learning_rate=1e-3, plain+label_smoothing_factor=0.1)"
 )
+# Fields an arm's own grammar sets: a +FIELD=VALUE control may not set them behind the grammar's back.
+ARM_FIELDS = ("fam_lambda", "fam_share", "fam_gradient", "sam_rho", "seed", "output_dir")
 
 
 class CompareError(Exception):
@@ -77,8 +80,36 @@ class Arm:
 
 
 def parse_arm(text: str) -> Arm:
-    """Return the :class:`Arm` named by ``text``; raise :class:`CompareError` with the grammar if it is unknown."""
-    spec = text.strip()
+    """Return the :class:`Arm` named by ``text``; raise :class:`CompareError` with the grammar if it is unknown.
+
+    ``BASE+FIELD=VALUE+...`` is the arm ``BASE`` with more settings of the training command (passed as
+    ``--FIELD VALUE``, verbatim): controls such as a tuned learning rate beside the ``plain`` baseline.
+    """
+    spec, *controls = text.strip().split("+")
+    arm = _base_arm(spec, text)
+    if not controls:
+        return arm
+    extra = tuple(_control(part, text) for part in controls)
+    names = [name for name, _ in extra]
+    if len(set(names)) != len(names):
+        raise CompareError(f"arm {text!r} sets a field twice. {_arms()}")
+    suffix = "".join(f"+{name}={value}" for name, value in extra)
+    return Arm(arm.name + suffix, arm.settings + extra)
+
+
+def _control(part: str, text: str) -> tuple[str, str]:
+    name, equals, value = part.partition("=")
+    if not (equals and name.isidentifier() and value.strip()):
+        raise CompareError(f"unknown arm {text!r}: {part!r} is not FIELD=VALUE. {_arms()}")
+    if name in ARM_FIELDS:
+        raise CompareError(
+            f"arm {text!r}: {name} is set by the arm itself or by compare; name it in the arm's grammar "
+            f"(fam:MODE@SHARE, sam:RHO) instead of +{name}=... {_arms()}"
+        )
+    return name, value.strip()
+
+
+def _base_arm(spec: str, text: str) -> Arm:
     kind, _, rest = spec.partition(":")
     if kind == "plain" and not rest and ":" not in spec:
         return Arm("plain", (("fam_lambda", 0.0), ("sam_rho", 0.0)))

@@ -29,6 +29,7 @@ parser.add_argument("--fam_lambda", type=float, default=None)
 parser.add_argument("--fam_share", type=float, default=0.001)
 parser.add_argument("--fam_gradient", default="head")
 parser.add_argument("--sam_rho", type=float, default=0.0)
+parser.add_argument("--learning_rate", type=float, default=1e-3)  # a setting a control arm may change
 parser.add_argument("--control", required=True)  # JSON: {"fail_on": ["arm:seed"], "hang_on": "arm:seed", ...}
 args = parser.parse_args()
 control = json.loads(Path(args.control).read_text()) if Path(args.control).exists() else {}
@@ -53,6 +54,7 @@ elif args.fam_lambda is None:
     accuracy = base + [0.02, -0.03, 0.01, -0.015][args.seed % 4]
 else:
     accuracy = base
+accuracy += 0.05 * (args.learning_rate / 1e-3 - 1)  # +0.05 per extra 1e-3 of learning rate
 metrics = {"eval_accuracy": accuracy, "eval_loss": 1 - accuracy, "eval_runtime": 0.5, "epoch": 1.0}
 for omitted in control.get("omit", []):  # "arm:seed:metric"
     if omitted.startswith(key + ":"):
@@ -104,6 +106,8 @@ def runs(out: Path) -> list[dict]:
 
 def expected_accuracy(arm: str, seed: int) -> float:
     base = 0.6 + 0.01 * ((seed * 7) % 5)
+    if arm.startswith("plain+learning_rate="):
+        return base + 0.05 * (float(arm.partition("=")[2]) / 1e-3 - 1)
     if arm.startswith("sam"):
         return base + 0.1 + 0.01 * ((seed % 3) - 1)
     if arm.startswith("fam"):

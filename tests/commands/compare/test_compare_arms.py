@@ -54,3 +54,35 @@ def test_duplicate_arms_and_plain_alone_are_refused():
         parse_arms(["fam", "fam:head@0.001"])
     with pytest.raises(CompareError, match="nothing to compare"):
         parse_arms(["plain"])
+
+
+def test_controls_add_settings_of_the_training_command_to_an_arm():
+    lr = parse_arm("plain+learning_rate=2e-3")
+    assert lr.name == "plain+learning_rate=2e-3" and lr.slug == "plain+learning_rate_2e-3"
+    assert lr.flags() == ["--fam_lambda", "0.0", "--sam_rho", "0.0", "--learning_rate", "2e-3"]  # the value verbatim
+    assert lr.removed == ["fam_share"]  # still the plain arm underneath
+    head = parse_arm("fam:head@0.1+lora_on_head=true+label_smoothing_factor=0.1")
+    assert head.fields["fam_share"] == 0.1 and head.unset == ["fam_lambda"]
+    assert head.flags()[-4:] == ["--lora_on_head", "true", "--label_smoothing_factor", "0.1"]
+    # a control is its own arm beside plain, which stays the baseline
+    assert [a.name for a in parse_arms(["plain+learning_rate=2e-3"])] == ["plain", "plain+learning_rate=2e-3"]
+
+
+@pytest.mark.parametrize(
+    ("arm", "reason"),
+    [
+        ("plain+learning_rate", "is not FIELD=VALUE"),
+        ("plain+=3", "is not FIELD=VALUE"),
+        ("plain+learning-rate=3", "is not FIELD=VALUE"),
+        ("plain+learning_rate=", "is not FIELD=VALUE"),
+        ("plain+fam_lambda=0.1", "fam_lambda is set by the arm itself"),
+        ("fam+fam_share=0.1", "fam_share is set by the arm itself"),
+        ("plain+seed=3", "seed is set by the arm itself or by compare"),
+        ("plain+learning_rate=1+learning_rate=2", "sets a field twice"),
+        ("fsam+learning_rate=1", "unknown arm 'fsam+learning_rate=1'"),
+    ],
+)
+def test_bad_controls_are_refused_with_the_grammar(arm, reason):
+    with pytest.raises(CompareError, match="Arms are plain") as refused:
+        parse_arm(arm)
+    assert reason in str(refused.value)

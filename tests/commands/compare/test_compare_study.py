@@ -172,3 +172,15 @@ def test_another_command_in_the_same_folder_is_refused(fake, tmp_path, capsys):
     assert compare_main(out, fake.command, "--seeds", "2", "--arms", "plain", "sam", "--no-progress") == 0
     assert compare_main(out, fake.command + ["--extra"], "--seeds", "2", "--arms", "plain", "sam") == 2
     assert "holds a study of another command" in capsys.readouterr().err
+
+
+def test_a_control_arm_runs_the_command_with_its_setting_and_is_paired_with_plain(fake, tmp_path):
+    out = tmp_path / "study"
+    assert compare_main(out, fake.command, "--seeds", "2", "--arms", "plain", "plain+learning_rate=3e-3") == 0
+    records = runs(out)
+    assert {r["arm"] for r in records} == {"plain", "plain+learning_rate=3e-3"}
+    for record in records:
+        assert record["metrics"]["eval_accuracy"] == pytest.approx(expected_accuracy(record["arm"], record["seed"]))
+    control = json.loads((out / "compare.json").read_text())["screening"]["arms"]["plain+learning_rate=3e-3"]
+    assert control["eval_accuracy"]["mean"] == pytest.approx(0.10) and control["eval_accuracy"]["n"] == 2
+    assert (out / "logs" / "plain+learning_rate_3e-3-seed1.log").is_file()
