@@ -1,24 +1,60 @@
-"""Where the runs execute: one after another here (:class:`LocalBackend`) or one Ray task each (:class:`RayBackend`)."""
+"""Where the runs execute: here, one after another or a few at once (:class:`LocalBackend`), or one Ray task each
+(:class:`RayBackend`)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import subprocess
 from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any
 
 from .arms import CompareError
-from .run import RunSpec, execute_run, log_tail
+from .run import RunSpec, execute_run, log_tail, stop_process
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 class LocalBackend:
-    """Runs one after another, in this process's environment."""
+    """Runs on this machine, in this process's environment: one after another, or ``jobs`` at once.
+
+    With ``jobs > 1`` each run gets ``OMP_NUM_THREADS = cores // jobs`` (unless the environment sets it), so that
+    the runs share the cores instead of oversubscribing them; on an interrupt every live run is stopped.
+    """
 
     name = "local"
 
+    def __init__(self, jobs: int = 1) -> None:
+        if jobs < 1:
+            raise CompareError(f"--jobs must be 1 or more, got {jobs}.")
+        self.jobs = jobs
+
     def run(self, specs: Sequence[RunSpec]) -> Iterator[dict[str, Any]]:
-        for spec in specs:
-            yield execute_run(spec)
+        if self.jobs == 1 or len(specs) <= 1:
+            for spec in specs:
+                yield execute_run(spec)
+            return
+        live: list[subprocess.Popen] = []
+        pool = ThreadPoolExecutor(self.jobs)
+        pending = {pool.submit(execute_run, self._sharing(spec), live.append) for spec in specs}
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+        finally:
+            for future in pending:
+                future.cancel()
+            for process in live:
+                stop_process(process)
+            pool.shutdown(wait=True)
+
+    def _sharing(self, spec: RunSpec) -> RunSpec:
+        threads = str(max(1, (os.cpu_count() or 1) // self.jobs))
+        extra = {name: threads for name in THREAD_VARIABLES if name not in os.environ and name not in spec.env}
+        return dataclasses.replace(spec, env={**spec.env, **extra})
 
     def close(self) -> None:
         pass

@@ -1,6 +1,7 @@
 """``fam-hf compare``: does FAM help on *your* task? Paired seeds on your own training command.
 
-    fam-hf compare [--arms ARM ...] [--seeds N] [--out DIR] [--backend local|ray] [--confirm ARM] -- COMMAND ...
+    fam-hf compare [--arms ARM ...] [--seeds N] [--out DIR] [--backend local|ray] [--jobs J]
+                   [--confirm ARM] -- COMMAND ...
 
 ``COMMAND`` is any training command whose script reads ``FAMTrainingArguments`` with ``HfArgumentParser``: a recipe
 with its YAML config, one of transformers' example scripts with ``Trainer`` swapped for ``FAMTrainer``, a script of
@@ -72,7 +73,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend",
         choices=["local", "ray"],
         default="local",
-        help="local: one run after another; ray: one Ray task per run (default: %(default)s)",
+        help="local: on this machine, --jobs at a time; ray: one Ray task per run (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="J",
+        help="local backend: runs at once, each with OMP_NUM_THREADS = cores // J unless set (default: %(default)s)",
     )
     parser.add_argument(
         "--confirm", default=None, metavar="ARM", help="after screening, rerun ARM and plain on fresh seeds N..N+M-1"
@@ -162,6 +170,10 @@ def study_from_args(args: argparse.Namespace) -> Study:
     check_config_files(command, arms + ([confirm] if confirm else []), study.cwd)
     if args.backend == "local" and (args.ray_address or args.ray_num_cpus):
         raise CompareError("--ray-address and --ray-num-cpus need --backend ray.")
+    if args.jobs != 1 and args.backend != "local":
+        raise CompareError("--jobs is the local backend's; Ray runs as many at once as --cpus-per-run allows.")
+    if args.jobs < 1:
+        raise CompareError(f"--jobs must be 1 or more, got {args.jobs}.")
     return study
 
 
@@ -178,7 +190,7 @@ def compare_command(args: argparse.Namespace) -> int:
             backend = (
                 RayBackend(args.ray_address, args.ray_num_cpus, args.cpus_per_run, args.gpus_per_run)
                 if args.backend == "ray"
-                else LocalBackend()
+                else LocalBackend(args.jobs)
             )
             report = run_study(study, backend, progress=not args.no_progress, plot=not args.no_plot)
     except CompareError as error:

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,10 @@ class RunSpec:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def execute_run(spec: RunSpec) -> dict[str, Any]:
+def execute_run(spec: RunSpec, started: Callable[[subprocess.Popen], Any] | None = None) -> dict[str, Any]:
     """Run one (arm, seed): the command with its output in ``spec.log``; return its record, or an ``error``.
+
+    ``started`` is handed the command's process once it runs (so that a backend running several can stop them all).
 
     The run's ``output_dir`` is emptied first (a run counts only when finished, so what is there is left from an
     interrupted attempt). A run fails when it exits with a non-zero status, writes no evaluation metric, or
@@ -69,10 +72,12 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
             result.update(returncode=None, wall_s=0.0, error=f"could not start the command: {error}")
             result["log_tail"] = log_tail(log)
             return result
+        if started is not None:
+            started(process)
         try:
             returncode = process.wait()
         except BaseException:  # interrupted (Ctrl-C, SIGTERM, a cancelled Ray task): take the run down with us
-            _stop(process)
+            stop_process(process)
             raise
     result.update(returncode=returncode, wall_s=time.perf_counter() - start)
     if returncode != 0:
@@ -109,7 +114,8 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
     return result
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop_process(process: subprocess.Popen) -> None:
+    """Terminate a run's process if it still runs (kill it after 10 s)."""
     if process.poll() is None:
         process.terminate()
         try:

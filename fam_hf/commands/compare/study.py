@@ -121,7 +121,8 @@ class Study:
 def run_study(study: Study, backend: Any, progress: bool = True, plot: bool = True) -> dict[str, Any]:
     """Run what the study still lacks, record each finished run, then write the report; return it.
 
-    The first pending run runs alone; if it fails, :class:`CompareError` stops the study before any other starts.
+    In a new study the first run runs alone; if it fails, :class:`CompareError` stops the study before any other
+    starts. A study with finished runs has shown that its command works, so its pending runs all go to the backend.
     """
     records = study.recorded()
     done = {(r["arm"], r["seed"]) for r in records}
@@ -137,11 +138,13 @@ def run_study(study: Study, backend: Any, progress: bool = True, plot: bool = Tr
         )
         bar = _progress_bar(len(pending), progress)
         try:
-            first = next(iter(backend.run(pending[:1])))
-            if "error" in first:
-                raise CompareError(_first_run_error(first), status=1)
-            _record(study, first, records, backend, bar)
-            for result in backend.run(pending[1:]):
+            if not records:
+                first = next(iter(backend.run(pending[:1])))
+                if "error" in first:
+                    raise CompareError(_first_run_error(first), status=1)
+                _record(study, first, records, backend, bar)
+                pending = pending[1:]
+            for result in backend.run(pending):
                 if "error" in result:
                     failures.append(result)
                     bar.write(f"FAILED {result['arm']} seed {result['seed']}: {result['error']} (log: {result['log']})")

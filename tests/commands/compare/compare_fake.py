@@ -44,9 +44,16 @@ out.mkdir(parents=True, exist_ok=True)
 if key in control.get("fail_on", []):
     print("Traceback (most recent call last):\nRuntimeError: boom, a simulated crash", file=sys.stderr)
     sys.exit(3)
-if key == control.get("hang_on"):
-    Path(control["marker"] + ".hanging").write_text(key)
+started = time.time()
+hang_on = control.get("hang_on")
+if key == hang_on or (isinstance(hang_on, list) and key in hang_on):  # a list: one marker file per hanging run
+    Path(control["marker"] + (".hanging" if key == hang_on else f".hanging.{key}")).write_text(key)
     time.sleep(600)
+time.sleep(control.get("sleep", 0))
+if control.get("times"):  # when each run ran, and the threads it was given
+    with open(control["times"], "a") as handle:
+        threads = os.environ.get("OMP_NUM_THREADS")
+        handle.write(json.dumps({"key": key, "start": started, "end": time.time(), "threads": threads}) + "\n")
 base = 0.6 + 0.01 * ((args.seed * 7) % 5)
 if args.sam_rho > 0:
     accuracy = base + 0.1 + 0.01 * ((args.seed % 3) - 1)

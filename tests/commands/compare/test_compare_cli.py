@@ -34,6 +34,8 @@ def test_the_lead_can_mount_it_as_a_subcommand_without_a_name_clash():
         (["--confirm", "plain"], "confirm an arm against plain"),
         (["--confirm", "sam", "--confirm-seeds", "1"], "--confirm-seeds 1 gives no interval"),
         (["--ray-address", "auto"], "need --backend ray"),
+        (["--jobs", "2", "--backend", "ray"], "--jobs is the local backend's"),
+        (["--jobs", "0"], "--jobs must be 1 or more"),
     ],
 )
 def test_bad_input_is_refused_with_the_reason_before_anything_runs(fake, tmp_path, capsys, options, reason):

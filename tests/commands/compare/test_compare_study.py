@@ -184,3 +184,54 @@ def test_a_control_arm_runs_the_command_with_its_setting_and_is_paired_with_plai
     control = json.loads((out / "compare.json").read_text())["screening"]["arms"]["plain+learning_rate=3e-3"]
     assert control["eval_accuracy"]["mean"] == pytest.approx(0.10) and control["eval_accuracy"]["n"] == 2
     assert (out / "logs" / "plain+learning_rate_3e-3-seed1.log").is_file()
+
+
+def test_jobs_run_several_at_once_each_with_its_share_of_the_cores(fake, tmp_path, monkeypatch):
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    times = tmp_path / "times.jsonl"
+    fake.set(sleep=1.0, times=str(times))
+    out = tmp_path / "study"
+    assert compare_main(out, fake.command, "--seeds", "2", "--arms", "plain", "sam", "--jobs", "2", "--no-plot") == 0
+    ran = {entry["key"]: entry for entry in map(json.loads, times.read_text().splitlines())}
+    assert len(ran) == 4 and len(runs(out)) == 4
+    # a new study's first run runs alone (a broken command stops the study before others start) ...
+    first = ran.pop("plain:0")
+    assert all(entry["start"] >= first["end"] for entry in ran.values())
+    # ... then two at a time: some two of the other three overlap
+    spans = sorted((entry["start"], entry["end"]) for entry in ran.values())
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
+    share = str(max(1, (os.cpu_count() or 1) // 2))
+    assert {entry["threads"] for entry in ran.values()} == {share}
+    assert first["threads"] is None  # a run alone keeps the environment as it is
+    # a resumed study has shown that its command works: its pending runs start together, the user's threads kept
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    times.unlink()
+    assert compare_main(out, fake.command, "--seeds", "4", "--arms", "plain", "sam", "--jobs", "2", "--no-plot") == 0
+    spans = sorted((e["start"], e["end"], e["threads"]) for e in map(json.loads, times.read_text().splitlines()))
+    assert len(spans) == 4 and spans[1][0] < spans[0][1] and {s[2] for s in spans} == {"3"}
+
+
+def test_an_interrupt_stops_every_run_the_jobs_started(fake, tmp_path):
+    out = tmp_path / "study"
+    fake.set(hang_on=["sam:0", "plain:1"])
+    study = subprocess.Popen(
+        [sys.executable, "-m", "fam_hf.commands.compare", "--seeds", "2", "--arms", "plain", "sam", "--jobs", "2"]
+        + ["--out", str(out), "--no-progress", "--no-plot", "--", *fake.command],
+        cwd=tmp_path,
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    hanging = [Path(f"{fake.marker}.hanging.{key}") for key in ("sam:0", "plain:1")]
+    deadline = time.monotonic() + 120
+    while not all(path.exists() for path in hanging):
+        assert study.poll() is None and time.monotonic() < deadline, "the study ended before both runs hung"
+        time.sleep(0.2)
+    study.send_signal(signal.SIGTERM)  # compare alone, not its process group: it must stop its runs itself
+    assert study.wait(timeout=60) == 130
+    pids = {json.loads(line)["key"]: json.loads(line)["pid"] for line in fake.marker.read_text().splitlines()}
+    for key in ("sam:0", "plain:1"):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pids[key], 0)
+    assert [(r["arm"], r["seed"]) for r in runs(out)] == [("plain", 0)]
