@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fam_hf.commands.compare import RUNS_NAME, read_runs  # noqa: E402
 from fam_hf.stats import markdown_table, mean_interval, paired_difference  # noqa: E402
 from fam_hf.tools.plotting import _pyplot, draw_interval, load_run, save_figure  # noqa: E402
 
@@ -45,12 +46,7 @@ def load_curves(study: Path, metrics: list[str]) -> dict[str, dict[str, dict[int
 def study_runs(study: Path) -> list[tuple[Path, str, int]]:
     """Return ``(run folder, arm, seed)`` of each run under ``<study>/runs``: the arm's name as ``runs.jsonl``
     records it (``plain+learning_rate=2e-3``), else as the folder spells it (``plain+learning_rate_2e-3``)."""
-    names = {}
-    record_file = study / "runs.jsonl"
-    if record_file.is_file():
-        for line in record_file.read_text().splitlines():
-            record = json.loads(line)
-            names[Path(record["output_dir"]).name] = record["arm"]
+    names = {Path(record["output_dir"]).name: record["arm"] for record in read_runs(study / RUNS_NAME)}
     found = []
     for run_dir in sorted((study / "runs").iterdir()):
         match = RUN_NAME.match(run_dir.name)

@@ -20,10 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.eval_curves import study_runs  # noqa: E402
-from fam_hf.stats import markdown_table, mean_interval, paired_difference  # noqa: E402
+from fam_hf.commands.compare import BASELINE, RUNS_NAME, merge_runs, read_runs  # noqa: E402
+from fam_hf.stats import interval_text, markdown_table, mean_interval, paired_difference  # noqa: E402
 
 DEFAULT_METRICS = ("eval_loss", "eval_best_loss", "eval_entropy", "eval_ece", "eval_top1_accuracy")
-BASELINE = "plain"
 
 
 def step_time(state: dict) -> float | None:
@@ -40,8 +40,7 @@ def step_time(state: dict) -> float | None:
 def summarize_study(study: Path, metrics: list[str]) -> dict:
     """Return, per arm, ``metrics[name]`` (paired difference to plain, with plain's mean) and ``step_time_ratio``."""
     values: dict = defaultdict(lambda: defaultdict(dict))  # values[metric][arm][seed]
-    for line in (study / "runs.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    for record in merge_runs([read_runs(study / RUNS_NAME)], key=("arm", "seed")):  # compare's rule: the first counts
         if record.get("stage", "screening") != "screening":
             continue
         for metric in metrics:
@@ -62,8 +61,10 @@ def summarize_study(study: Path, metrics: list[str]) -> dict:
             mine = values[metric].get(arm, {})
             if not base or not mine:
                 continue
+            difference = paired_difference(mine, base)
             plain_mean = mean_interval(list(base.values()))[0]
-            entry["metrics"][metric] = {"plain_mean": plain_mean, **paired_difference(mine, base).to_dict()}
+            text = f"{interval_text(difference, digits=4)} (n={difference.n})"
+            entry["metrics"][metric] = {"plain_mean": plain_mean, **difference.to_dict(), "text": text}
         base_time, my_time = values["step_time"].get(BASELINE, {}), values["step_time"].get(arm, {})
         ratios = [my_time[s] / base_time[s] for s in sorted(set(my_time) & set(base_time))]
         if ratios:
@@ -82,21 +83,13 @@ def table(summary: dict, metrics: list[str]) -> str:
             continue
         row = [f"`{arm}`"]
         for metric in metrics:
-            cell = entry["metrics"].get(metric)
-            row.append(_cell(cell) if cell else "")
+            row.append(entry["metrics"].get(metric, {}).get("text", ""))
         ratio = entry.get("step_time_ratio")
         row.append(_ratio(ratio) if ratio else "")
         rows.append(row)
     plain = summary["arms"].get(BASELINE, {}).get("metrics", {})
     headers = ["arm", *(f"{m} (plain {plain[m]['plain_mean']:.4g})" if m in plain else m for m in metrics)]
     return markdown_table([*headers, "step time / plain"], rows)
-
-
-def _cell(cell: dict) -> str:
-    if cell["ci95"] is None:
-        return f"{cell['mean']:+.4f} (n={cell['n']})"
-    low, high = cell["ci95"]
-    return f"{cell['mean']:+.4f} [{low:+.4f}, {high:+.4f}] (n={cell['n']})"
 
 
 def _ratio(ratio: dict) -> str:

@@ -172,8 +172,6 @@ def study_from_args(args: argparse.Namespace) -> Study:
         raise CompareError("--ray-address and --ray-num-cpus need --backend ray.")
     if args.jobs != 1 and args.backend != "local":
         raise CompareError("--jobs is the local backend's; Ray runs as many at once as --cpus-per-run allows.")
-    if args.jobs < 1:
-        raise CompareError(f"--jobs must be 1 or more, got {args.jobs}.")
     return study
 
 
