@@ -158,15 +158,20 @@ def train_and_evaluate(
 ) -> dict[str, float]:
     """Run the train and eval phases the arguments ask for; save model, metrics and ``trainer_state.json``.
 
-    With neither ``--do_train`` nor ``--do_eval`` given, both run: a recipe is mostly run to train.
+    With neither ``--do_train`` nor ``--do_eval`` given, both run: a recipe is mostly run to train. So does an
+    ``--eval_strategy`` other than ``no`` (evaluations during training), although the Trainer turns it into ``do_eval``.
     ``perplexity`` adds ``eval_perplexity = exp(eval_loss)``, for language models. When evaluations ran during
     training, ``eval_best_loss`` and ``eval_best_step`` give the lowest eval loss over them and the final one, so that
     early stopping is part of any comparison of runs (``fam-hf compare`` reports every ``eval_*`` metric).
-    ``extra_eval(trainer)`` returns more ``eval_*`` metrics of the final model, saved with the rest.
+    ``extra_eval(trainer)`` returns more ``eval_*`` metrics of the final model, saved with the rest. With label
+    smoothing, every evaluation reports the unsmoothed loss (:func:`evaluate_unsmoothed`).
     """
+    evaluate_unsmoothed(trainer)
     do_train, do_eval = training_args.do_train, training_args.do_eval
     if not (do_train or do_eval or training_args.do_predict):
         do_train, do_eval = True, trainer.eval_dataset is not None
+    elif not (do_train or training_args.do_predict) and training_args.eval_strategy != "no":
+        do_train = True  # evaluating during training means training (the Trainer sets do_eval from eval_strategy)
     metrics: dict[str, float] = {}
     if do_train:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -186,6 +191,27 @@ def train_and_evaluate(
         trainer.save_metrics("eval", evaluation)
         metrics.update(evaluation)
     return metrics
+
+
+def evaluate_unsmoothed(trainer: transformers.Trainer) -> None:
+    """Make ``trainer.evaluate`` report the unsmoothed loss when the Trainer has a label smoother.
+
+    The Trainer puts the smoothed loss in ``eval_loss``, so a run with ``--label_smoothing_factor`` would be compared
+    on another quantity than the runs without it (and its perplexity would be no perplexity). Training keeps it.
+    """
+    if trainer.label_smoother is None:
+        return
+    evaluate = trainer.evaluate
+
+    def without_smoothing(*args: Any, **kwargs: Any) -> dict[str, float]:
+        smoother, trainer.label_smoother = trainer.label_smoother, None
+        try:
+            return evaluate(*args, **kwargs)
+        finally:
+            trainer.label_smoother = smoother
+
+    trainer.evaluate = without_smoothing
+    logger.info("Label smoothing trains; eval_loss is the unsmoothed loss, comparable with runs without it.")
 
 
 def best_eval_loss(log_history: list[dict[str, Any]]) -> dict[str, float]:

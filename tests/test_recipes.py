@@ -487,3 +487,40 @@ def test_the_lead_task_puts_the_headline_in_and_the_first_sentence_out(monkeypat
     assert record["prompt"][0] == {"role": "system", "content": packaged.LEAD_PROMPT}
     assert record["completion"] == [{"role": "assistant", "content": "First sentence of story 3."}]
     assert packaged.lead_examples(articles[:1], max_words=2)[0]["completion"][0]["content"] == "First sentence."
+
+
+@pytest.mark.parametrize("data", ["prompt_completion", "text"])
+def test_label_smoothing_trains_smoothed_and_every_evaluation_reports_the_unsmoothed_loss(
+    data, marked_llama_lm, prompt_completion_jsonl, text_csv, tmp_path
+):
+    if data == "prompt_completion":
+        pytest.importorskip("trl")
+    recipe = load_recipe("causal_lm")
+    from recipe_utils import train_and_evaluate
+
+    files = prompt_completion_jsonl if data == "prompt_completion" else text_csv
+    argv = [
+        *("--model_name_or_path", str(marked_llama_lm), "--output_dir", str(tmp_path / "run")),
+        *("--train_file", str(files["train"]), "--validation_file", str(files["validation"])),
+        *("--label_smoothing_factor", "0.9", "--fam_lambda", "0", "--max_steps", "2", "--eval_strategy", "steps"),
+        *("--eval_steps", "1", "--per_device_eval_batch_size", "64", "--per_device_train_batch_size", "4", *FAST),
+    ]
+    trainer, args = recipe.build_trainer(argv)
+    with torch.no_grad():  # peaked predictions, whose smoothed loss is far from their loss
+        trainer.model.get_output_embeddings().weight.mul_(20)
+    result = train_and_evaluate(trainer, args)
+    assert trainer.state.global_step == 2  # evaluations during training imply training
+    assert trainer.label_smoother is not None  # training still smooths
+
+    batches = list(trainer.get_eval_dataloader())
+    assert len(batches) == 1  # one batch: the Trainer's eval loss is its token mean
+    batch = batches[0]
+    with torch.no_grad():
+        logits = trainer.model.eval()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    rows, targets = logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten()
+    nll = torch.nn.functional.cross_entropy(rows, targets).item()
+    smoothed = torch.nn.functional.cross_entropy(rows, targets, label_smoothing=0.9).item()
+    tolerance = 1e-5
+    assert smoothed - nll > 100 * tolerance * nll  # the checks below tell the two losses apart
+    assert result["eval_loss"] == pytest.approx(nll, rel=tolerance)
+    assert logged(tmp_path / "run", "eval_loss")[-1] == pytest.approx(nll, rel=tolerance)  # evaluations in training
