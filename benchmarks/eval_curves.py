@@ -8,7 +8,7 @@ its 95% t-interval, and the paired difference ``arm - plain`` over the seeds bot
     python benchmarks/eval_curves.py studies/lm --metrics eval_loss eval_entropy --out docs/img/lm_curves.png
 
 It prints a markdown table (the paired differences at every evaluated step) and writes the curves as JSON beside
-the figure.
+the figure. ``--arms A B`` draws those arms beside plain only (a study with many arms reads better in parts).
 """
 
 from __future__ import annotations
@@ -29,10 +29,15 @@ from fam_hf.tools.plotting import _pyplot, draw_interval, load_run, save_figure 
 RUN_NAME = re.compile(r"^(?P<arm>.+)-seed(?P<seed>\d+)$")
 
 
-def load_curves(study: Path, metrics: list[str]) -> dict[str, dict[str, dict[int, dict[int, float]]]]:
-    """Return ``curves[metric][arm][step][seed]`` from the study's run folders (runs without a state are skipped)."""
+def load_curves(
+    study: Path, metrics: list[str], arms: list[str] | None = None
+) -> dict[str, dict[str, dict[int, dict[int, float]]]]:
+    """Return ``curves[metric][arm][step][seed]`` from the study's run folders (runs without a state are skipped),
+    of every arm, or of ``arms`` only."""
     curves: dict = {metric: defaultdict(lambda: defaultdict(dict)) for metric in metrics}
     for run_dir, arm, seed in study_runs(study):
+        if arms is not None and arm not in arms:
+            continue
         try:
             run = load_run(run_dir)
         except FileNotFoundError:
@@ -123,9 +128,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("study", type=Path, help="the --out folder of a fam-hf compare study")
     parser.add_argument("--metrics", nargs="+", default=["eval_loss", "eval_entropy"])
     parser.add_argument("--baseline", default="plain")
+    parser.add_argument("--arms", nargs="+", default=None, help="arms to draw besides the baseline (default: all)")
     parser.add_argument("--out", type=Path, default=None, help="figure path (default: <study>/eval_curves.png)")
     args = parser.parse_args(argv)
-    summary = summarize(load_curves(args.study, args.metrics), args.baseline)
+    arms = None if args.arms is None else [args.baseline, *args.arms]
+    summary = summarize(load_curves(args.study, args.metrics, arms), args.baseline)
     output = args.out or args.study / "eval_curves.png"
     plot(summary, output, args.baseline)
     output.with_suffix(".json").write_text(json.dumps(summary, indent=1, default=str))

@@ -144,6 +144,7 @@ def test_eval_curves_pair_each_arm_with_plain_by_seed_at_every_step(tmp_path):
     assert "-0.1333" in table(summary, "eval_loss") and "fam:full@0.1 - plain" in table(summary, "eval_loss")
     _run_script("benchmarks/eval_curves.py", str(tmp_path), "--metrics", "eval_loss", tmp_path=tmp_path)
     assert (tmp_path / "eval_curves.png").is_file() and (tmp_path / "eval_curves.json").is_file()
+    assert set(load_curves(tmp_path, ["eval_loss"], arms=["plain"])["eval_loss"]) == {"plain"}  # only those asked
 
 
 def test_study_summary_pairs_metrics_and_step_times_with_plain_by_seed(tmp_path):
