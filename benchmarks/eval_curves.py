@@ -8,7 +8,8 @@ its 95% t-interval, and the paired difference ``arm - plain`` over the seeds bot
     python benchmarks/eval_curves.py studies/lm --metrics eval_loss eval_entropy --out docs/img/lm_curves.png
 
 It prints a markdown table (the paired differences at every evaluated step) and writes the curves as JSON beside
-the figure. ``--arms A B`` draws those arms beside plain only (a study with many arms reads better in parts).
+the figure. ``--arms A B`` draws those arms beside plain only (a study with many arms reads better in parts);
+``--stage confirmation`` the runs of ``--confirm`` (fresh seeds), kept apart from the screening ones by default.
 """
 
 from __future__ import annotations
@@ -23,19 +24,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fam_hf.commands.compare import RUNS_NAME, read_runs  # noqa: E402
+from fam_hf.commands.compare.report import CONFIRMATION, SCREENING  # noqa: E402
 from fam_hf.stats import markdown_table, mean_interval, paired_difference  # noqa: E402
 from fam_hf.tools.plotting import _pyplot, draw_interval, load_run, save_figure  # noqa: E402
 
+ALL_STAGES = "all"
 RUN_NAME = re.compile(r"^(?P<arm>.+)-seed(?P<seed>\d+)$")
 
 
 def load_curves(
-    study: Path, metrics: list[str], arms: list[str] | None = None
+    study: Path, metrics: list[str], arms: list[str] | None = None, stage: str = SCREENING
 ) -> dict[str, dict[str, dict[int, dict[int, float]]]]:
-    """Return ``curves[metric][arm][step][seed]`` from the study's run folders (runs without a state are skipped),
-    of every arm, or of ``arms`` only."""
+    """Return ``curves[metric][arm][step][seed]`` from the run folders of a stage of the study (runs without a state
+    are skipped), of every arm, or of ``arms`` only."""
     curves: dict = {metric: defaultdict(lambda: defaultdict(dict)) for metric in metrics}
-    for run_dir, arm, seed in study_runs(study):
+    for run_dir, arm, seed in study_runs(study, stage):
         if arms is not None and arm not in arms:
             continue
         try:
@@ -48,15 +51,19 @@ def load_curves(
     return curves
 
 
-def study_runs(study: Path) -> list[tuple[Path, str, int]]:
-    """Return ``(run folder, arm, seed)`` of each run under ``<study>/runs``: the arm's name as ``runs.jsonl``
-    records it (``plain+learning_rate=2e-3``), else as the folder spells it (``plain+learning_rate_2e-3``)."""
-    names = {Path(record["output_dir"]).name: record["arm"] for record in read_runs(study / RUNS_NAME)}
+def study_runs(study: Path, stage: str = SCREENING) -> list[tuple[Path, str, int]]:
+    """Return ``(run folder, arm, seed)`` of each run of ``stage`` (``screening``, ``confirmation``, or ``all``)
+    under ``<study>/runs``: the arm's name as ``runs.jsonl`` records it (``plain+learning_rate=2e-3``), else as the
+    folder spells it (``plain+learning_rate_2e-3``). A run without a record counts as screening."""
+    records = {Path(record["output_dir"]).name: record for record in read_runs(study / RUNS_NAME)}
     found = []
     for run_dir in sorted((study / "runs").iterdir()):
         match = RUN_NAME.match(run_dir.name)
-        if match is not None and run_dir.is_dir():
-            found.append((run_dir, names.get(run_dir.name, match["arm"]), int(match["seed"])))
+        if match is None or not run_dir.is_dir():
+            continue
+        record = records.get(run_dir.name, {})
+        if stage in (ALL_STAGES, record.get("stage", SCREENING)):
+            found.append((run_dir, record.get("arm", match["arm"]), int(match["seed"])))
     return found
 
 
@@ -129,10 +136,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", nargs="+", default=["eval_loss", "eval_entropy"])
     parser.add_argument("--baseline", default="plain")
     parser.add_argument("--arms", nargs="+", default=None, help="arms to draw besides the baseline (default: all)")
+    parser.add_argument("--stage", choices=[SCREENING, CONFIRMATION, ALL_STAGES], default=SCREENING)
     parser.add_argument("--out", type=Path, default=None, help="figure path (default: <study>/eval_curves.png)")
     args = parser.parse_args(argv)
     arms = None if args.arms is None else [args.baseline, *args.arms]
-    summary = summarize(load_curves(args.study, args.metrics, arms), args.baseline)
+    summary = summarize(load_curves(args.study, args.metrics, arms, args.stage), args.baseline)
     output = args.out or args.study / "eval_curves.png"
     plot(summary, output, args.baseline)
     output.with_suffix(".json").write_text(json.dumps(summary, indent=1, default=str))

@@ -7,6 +7,7 @@ A run's step time is its training time without the evaluations done during train
 ``(train_runtime - sum of eval_runtime logged before it) / global_step``, from its ``trainer_state.json``; the ratio
 to plain is taken per seed (the two runs of a seed ran side by side in the same study) and averaged with its 95%
 t-interval (:mod:`fam_hf.stats`, like every interval here). It prints one markdown table per study and writes JSON.
+The screening runs by default; ``--stage confirmation`` those of ``--confirm``, on their fresh seeds.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.eval_curves import study_runs  # noqa: E402
+from benchmarks.eval_curves import ALL_STAGES, study_runs  # noqa: E402
 from fam_hf.commands.compare import BASELINE, RUNS_NAME, merge_runs, read_runs  # noqa: E402
+from fam_hf.commands.compare.report import CONFIRMATION, SCREENING  # noqa: E402
 from fam_hf.stats import interval_text, markdown_table, mean_interval, paired_difference  # noqa: E402
 
 DEFAULT_METRICS = ("eval_loss", "eval_best_loss", "eval_entropy", "eval_ece", "eval_top1_accuracy")
@@ -37,23 +39,24 @@ def step_time(state: dict) -> float | None:
     return None
 
 
-def summarize_study(study: Path, metrics: list[str]) -> dict:
-    """Return, per arm, ``metrics[name]`` (paired difference to plain, with plain's mean) and ``step_time_ratio``."""
+def summarize_study(study: Path, metrics: list[str], stage: str = SCREENING) -> dict:
+    """Return, per arm, ``metrics[name]`` (paired difference to plain, with plain's mean) and ``step_time_ratio``,
+    over the runs of one stage (``screening``, ``confirmation`` or ``all``)."""
     values: dict = defaultdict(lambda: defaultdict(dict))  # values[metric][arm][seed]
     for record in merge_runs([read_runs(study / RUNS_NAME)], key=("arm", "seed")):  # compare's rule: the first counts
-        if record.get("stage", "screening") != "screening":
+        if stage not in (ALL_STAGES, record.get("stage", SCREENING)):
             continue
         for metric in metrics:
             if metric in record.get("metrics", {}):
                 values[metric][record["arm"]][record["seed"]] = record["metrics"][metric]
-    for run_dir, arm, seed in study_runs(study):
+    for run_dir, arm, seed in study_runs(study, stage):
         state_file = run_dir / "trainer_state.json"
         if state_file.is_file():
             seconds = step_time(json.loads(state_file.read_text()))
             if seconds is not None:
                 values["step_time"][arm][seed] = seconds
     arms = sorted({arm for by_arm in values.values() for arm in by_arm}, key=lambda a: (a != BASELINE, a))
-    summary: dict = {"study": str(study), "arms": {}}
+    summary: dict = {"study": str(study), "stage": stage, "arms": {}}
     for arm in arms:
         entry: dict = {"metrics": {}}
         for metric in metrics:
@@ -102,11 +105,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("studies", type=Path, nargs="+", help="--out folders of fam-hf compare studies")
     parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS))
+    parser.add_argument("--stage", choices=[SCREENING, CONFIRMATION, ALL_STAGES], default=SCREENING)
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write (default: print only)")
     args = parser.parse_args(argv)
-    summaries = [summarize_study(study, args.metrics) for study in args.studies]
+    summaries = [summarize_study(study, args.metrics, args.stage) for study in args.studies]
     for summary in summaries:
-        print(f"\n{summary['study']} (screening, paired differences to plain, 95% intervals):\n")
+        print(f"\n{summary['study']} ({args.stage}, paired differences to plain, 95% intervals):\n")
         print(table(summary, args.metrics))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

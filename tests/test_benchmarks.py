@@ -137,7 +137,16 @@ def test_eval_curves_pair_each_arm_with_plain_by_seed_at_every_step(tmp_path):
             run = tmp_path / "runs" / f"{arm}-seed{seed}"
             run.mkdir(parents=True)
             (run / "trainer_state.json").write_text(json.dumps({"log_history": history}))
-    summary = summarize(load_curves(tmp_path, ["eval_loss"]))
+    records = []
+    for arm in losses:  # a confirmation run of each arm on a fresh seed, recorded as such by compare
+        run = tmp_path / "runs" / f"{arm}-seed3"
+        run.mkdir(parents=True)
+        (run / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 10, "eval_loss": 100.0}]}))
+        records.append({"arm": arm, "seed": 3, "stage": "confirmation", "output_dir": str(run)})
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    fresh = load_curves(tmp_path, ["eval_loss"], stage="confirmation")["eval_loss"]
+    assert {arm: dict(steps) for arm, steps in fresh.items()} == {arm: {10: {3: 100.0}} for arm in losses}
+    summary = summarize(load_curves(tmp_path, ["eval_loss"]))  # screening only, by default
     at_10 = summary["eval_loss"]["fam:full@0.1"][10]["paired_difference"]
     assert at_10["n"] == 3 and at_10["mean"] == pytest.approx((-0.1 - 0.2 - 0.1) / 3)
     assert summary["eval_loss"]["plain"][20]["mean"] == pytest.approx(2.6)
@@ -151,12 +160,13 @@ def test_study_summary_pairs_metrics_and_step_times_with_plain_by_seed(tmp_path)
     """Two seeds of two arms with known metrics and timings: differences and step-time ratios by hand."""
     from benchmarks.study_summary import step_time, summarize_study, table
 
-    losses = {"plain": [3.0, 3.2], "plain+learning_rate=2e-3": [2.9, 3.3]}
+    # seeds 0-1 screening, 2-3 a confirmation on fresh seeds
+    losses = {"plain": [3.0, 3.2, 3.0, 3.0], "plain+learning_rate=2e-3": [2.9, 3.3, 3.5, 3.7]}
     # 10 steps; 4 s of evaluations during training, 1 s after it (not counted: it follows train_runtime)
-    timings = {"plain": [24.0, 34.0], "plain+learning_rate=2e-3": [34.0, 34.0]}
+    timings = {"plain": [24.0, 34.0, 24.0, 24.0], "plain+learning_rate=2e-3": [34.0, 34.0, 24.0, 24.0]}
     records = []
     for arm, values in losses.items():
-        for seed in range(2):
+        for seed in range(4):
             run = tmp_path / "runs" / f"{arm.replace('=', '_')}-seed{seed}"
             run.mkdir(parents=True)
             history = [
@@ -166,7 +176,8 @@ def test_study_summary_pairs_metrics_and_step_times_with_plain_by_seed(tmp_path)
             ]
             (run / "trainer_state.json").write_text(json.dumps({"global_step": 10, "log_history": history}))
             metrics = {"eval_loss": values[seed]}
-            records.append({"arm": arm, "seed": seed, "output_dir": str(run), "metrics": metrics})
+            stage = "screening" if seed < 2 else "confirmation"
+            records.append({"arm": arm, "seed": seed, "stage": stage, "output_dir": str(run), "metrics": metrics})
     (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert step_time({"global_step": 10, "log_history": [{"eval_runtime": 4.0}, {"train_runtime": 24.0}]}) == 2.0
     summary = summarize_study(tmp_path, ["eval_loss"])
@@ -176,3 +187,8 @@ def test_study_summary_pairs_metrics_and_step_times_with_plain_by_seed(tmp_path)
     # step times: plain 2.0 and 3.0 s, the control 3.0 and 3.0 s: ratios 1.5 and 1.0
     assert control["step_time_ratio"]["mean"] == pytest.approx(1.25) and control["step_time_ratio"]["n"] == 2
     assert "`plain+learning_rate=2e-3`" in table(summary, ["eval_loss"]) and "1.250" in table(summary, ["eval_loss"])
+    confirmed = summarize_study(tmp_path, ["eval_loss"], stage="confirmation")["arms"]["plain+learning_rate=2e-3"]
+    assert (
+        confirmed["metrics"]["eval_loss"]["mean"] == pytest.approx(0.6) and confirmed["metrics"]["eval_loss"]["n"] == 2
+    )
+    assert confirmed["step_time_ratio"]["mean"] == pytest.approx(1.0) and confirmed["step_time_ratio"]["n"] == 2
