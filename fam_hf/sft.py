@@ -67,6 +67,20 @@ class FAMSFTTrainer(FAMMixin, SAMMixin, SFTTrainer):
             )
         self._fam_run.hooks.append(self.model.register_forward_hook(_record_token_loss_sum(self._fam_run.raw_loss)))
 
+    def _sam_second_pass(self, *args: Any, **kwargs: Any) -> None:
+        """SAM's second pass at the perturbed weights, without its entry in TRL's training metrics.
+
+        TRL logs from every ``compute_loss`` call (the tokens seen, the entropy, the token accuracy); the second pass
+        would count each token twice and mix the perturbed model's entropy into the logs. FAM's own logs keep the
+        first pass already (``FAMRun.pending``).
+        """
+        logged = {key: list(values) for key, values in self._metrics["train"].items()}
+        tokens = self._total_train_tokens
+        super()._sam_second_pass(*args, **kwargs)
+        self._metrics["train"].clear()
+        self._metrics["train"].update(logged)
+        self._total_train_tokens = tokens
+
     def _fam_training_check(self, run: FAMRun, batch: BatchFlatness, loss: torch.Tensor, num_items) -> LossCheck | None:
         """TRL's loss is its per-token losses' sum, divided and scaled as TRL decides: certify the sum itself."""
         if batch.task_loss is None or not bool(batch.flatness.rows > 0):

@@ -53,3 +53,23 @@ def test_lora_on_the_fused_head_is_refused(tmp_path):
             train_dataset=Dataset.from_dict({"input_ids": input_ids.tolist()}),
             processing_class=tiny_tokenizer(),
         ).train()
+
+
+def test_sam_logs_trl_metrics_of_the_first_pass_only(tmp_path):
+    """SAM's second pass runs TRL's compute_loss again at the perturbed weights: TRL's logs must not see it."""
+    input_ids = torch.randint(3, 40, (8, 6), generator=torch.Generator().manual_seed(0))
+    logged = {}
+    for rho in (0.0, 0.5):
+        trainer = FAMSFTTrainer(
+            model=build("llama", "causal_lm"),
+            args=_config(tmp_path / str(rho), fam_lambda=2.0, fam_gradient="full", sam_rho=rho),
+            train_dataset=Dataset.from_dict({"input_ids": input_ids.tolist()}),
+            processing_class=tiny_tokenizer(),
+        )
+        trainer.train()
+        logged[rho] = next(e for e in trainer.state.log_history if "loss" in e)
+    plain, sam = logged[0.0], logged[0.5]
+    assert sam["num_tokens"] == plain["num_tokens"] == input_ids.numel()  # each token counted once
+    # the first pass is the same computation at the same weights in both runs
+    for key in ("entropy", "mean_token_accuracy", "loss", "task_loss", "relative_flatness"):
+        assert sam[key] == pytest.approx(plain[key], rel=1e-6), key
