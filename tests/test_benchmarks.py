@@ -192,3 +192,31 @@ def test_study_summary_pairs_metrics_and_step_times_with_plain_by_seed(tmp_path)
         confirmed["metrics"]["eval_loss"]["mean"] == pytest.approx(0.6) and confirmed["metrics"]["eval_loss"]["n"] == 2
     )
     assert confirmed["step_time_ratio"]["mean"] == pytest.approx(1.0) and confirmed["step_time_ratio"]["n"] == 2
+
+
+def test_the_stored_lm_study_holds_every_run_and_gives_the_readme_its_numbers():
+    """Every run that the LM study recorded has its curve and metrics in the repository, and the README's LM
+    sentence is what ``study_summary.py`` computes from them (three decimals), screening and confirmation."""
+    from benchmarks.study_summary import summarize_study
+    from fam_hf.commands.compare import read_runs
+
+    root = ROOT / "benchmarks" / "results" / "lm_study"
+    for task in ("headlines", "leads"):
+        records = read_runs(root / task / "runs.jsonl")
+        assert len(records) >= 10
+        for record in records:
+            folder = root / task / "runs" / Path(record["output_dir"]).name
+            assert (folder / "trainer_state.json").is_file() and (folder / "all_results.json").is_file(), folder
+
+    def cited(task: str, arm: str, stage: str = "screening") -> str:
+        entry = summarize_study(root / task, ["eval_best_loss"], stage)["arms"][arm]["metrics"]["eval_best_loss"]
+        low, high = entry["ci95"]
+        return f"{entry['mean']:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+    readme = (ROOT / "README.md").read_text()
+    for text in (
+        cited("headlines", "fam:full@0.1"),
+        cited("leads", "fam:full@0.1"),
+        cited("headlines", "fam:full@0.03", "confirmation"),
+    ):
+        assert text in readme
