@@ -29,6 +29,7 @@ from fam_hf.stats import markdown_table, mean_interval, paired_difference  # noq
 from fam_hf.tools.plotting import _pyplot, draw_interval, load_run, save_figure  # noqa: E402
 
 ALL_STAGES = "all"
+STAGES = (SCREENING, CONFIRMATION, ALL_STAGES)
 RUN_NAME = re.compile(r"^(?P<arm>.+)-seed(?P<seed>\d+)$")
 
 
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", nargs="+", default=["eval_loss", "eval_entropy"])
     parser.add_argument("--baseline", default="plain")
     parser.add_argument("--arms", nargs="+", default=None, help="arms to draw besides the baseline (default: all)")
-    parser.add_argument("--stage", choices=[SCREENING, CONFIRMATION, ALL_STAGES], default=SCREENING)
+    parser.add_argument("--stage", choices=STAGES, default=SCREENING)
     parser.add_argument("--out", type=Path, default=None, help="figure path (default: <study>/eval_curves.png)")
     args = parser.parse_args(argv)
     arms = None if args.arms is None else [args.baseline, *args.arms]

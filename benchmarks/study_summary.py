@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.eval_curves import ALL_STAGES, study_runs  # noqa: E402
+from benchmarks.eval_curves import ALL_STAGES, STAGES, study_runs  # noqa: E402
 from fam_hf.commands.compare import BASELINE, RUNS_NAME, merge_runs, read_runs  # noqa: E402
-from fam_hf.commands.compare.report import CONFIRMATION, SCREENING  # noqa: E402
+from fam_hf.commands.compare.report import SCREENING  # noqa: E402
 from fam_hf.stats import interval_text, markdown_table, mean_interval, paired_difference  # noqa: E402
 
 DEFAULT_METRICS = ("eval_loss", "eval_best_loss", "eval_entropy", "eval_ece", "eval_top1_accuracy")
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("studies", type=Path, nargs="+", help="--out folders of fam-hf compare studies")
     parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS))
-    parser.add_argument("--stage", choices=[SCREENING, CONFIRMATION, ALL_STAGES], default=SCREENING)
+    parser.add_argument("--stage", choices=STAGES, default=SCREENING)
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write (default: print only)")
     args = parser.parse_args(argv)
     summaries = [summarize_study(study, args.metrics, args.stage) for study in args.studies]
