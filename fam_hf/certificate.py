@@ -1,22 +1,37 @@
-"""The certificate: proof, once per run, that the loss the penalty differentiates is the loss the model returned.
+"""The certificate: proof, once per run, that the penalty is the relative flatness of the loss the model returns.
 
-Relative flatness is defined by the Hessian of the model's own loss in the head. fam_hf reproduces that loss
-from what passes through the head (the kind of loss, the logit transform, the rows, the normalization), and a
-model family that does something else (scales its logits, adds a term, reads other rows) would get the flatness
-of a different loss with nothing to show for it. So on the first batch that has a loss, in training and in
-evaluation, the loss is recomputed from the head's captured output and compared with the value the model (or
-``compute_loss_func``, the label smoother, TRL) returned. A mismatch refuses to train with the penalty; when only
-measuring (``fam_lambda=0``) it warns that the logged relative flatness is not that of the model's loss.
+Relative flatness is built from the Hessian of the loss in the head's output ``z``, so that curvature is what is
+certified, not a loss value. On the first batch, the model's own loss (its forward pass, ``compute_loss_func``, the
+label smoother, TRL: whatever produced the loss) is rerun as a function of ``z`` alone, with the head's output
+replaced through the probe's hook, and its Hessian-vector products in ``z`` are compared in float64 with those of the
+loss fam_hf assumes, at ``z`` and at probe points where transforms show: a rescaled ``c * z`` with large logits (a
+soft cap of 30 is nearly the identity at initial logits, not there) and ``z`` plus a random offset.
+
+Comparing curvature makes the certificate as strict as the penalty needs and no stricter:
+
+- a term that does not depend on the head (an MoE router loss) has no curvature in ``z``: it passes;
+- label smoothing and soft targets change the loss's value and gradient, not its Hessian: they pass;
+- a logit scale, an offset after the head, a soft cap, other rows or per-sequence weights change it: caught.
+
+The assumed loss is tried in the forms the model may take (:meth:`fam_hf.rows.HeadTask.forms`), and the first
+that matches is the one the penalty uses. The loss's normalization (what the model and the Trainer divide and
+multiply it by) comes out of the comparison as the factor between the two curvatures; after the first training
+batch it is checked against the factor the penalty is scaled by.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from .rows import CAUSAL_LM, GROUPED_KINDS, SEQUENCE, HeadTask
+from .rows import CAUSAL_LM, GROUPED_KINDS, IGNORE_INDEX, SEQUENCE, HeadTask
 
 logger = logging.getLogger(__name__)
 
@@ -26,69 +41,228 @@ WAYS_OUT = (
     "that of the assumed loss, not the model's)."
 )
 
+# The probe point ``c * z`` is scaled so that its largest logit has this size: a soft cap (Gemma-2 uses 30,
+# RecurrentGemma 30, xLSTM 15) bends the logits visibly there.
+PROBE_LOGIT_SIZE = 45.0
+# The random offset's scale, in units of the logits' own spread (at least 1).
+PROBE_OFFSET_SIZE = 3.0
+
 
 class LossMismatchError(ValueError):
-    """The loss fam_hf recomputes from the head is not the loss the model returned, so the penalty would be wrong."""
+    """The loss fam_hf differentiates is not the loss the model returned, so the penalty would be wrong."""
 
 
-def loss_tolerance(dtype: torch.dtype) -> float:
-    """Return the relative tolerance between two evaluations of one loss from logits of ``dtype``.
+def curvature_tolerance(dtype: torch.dtype) -> float:
+    """Return the relative tolerance between two Hessian-vector products computed in ``dtype``.
 
-    Both sides reduce in at least float32 from the same logits; in half precision the model may apply its logit
-    transform before upcasting, one rounding of 2^-8 (bfloat16) or 2^-11 (float16) per logit. In float64 a loss
-    may still take a float32 step (transformers' label smoother sums its smoothing term in float32).
+    The rerun is in float64 wherever the model lets it be (its ``.float()`` upcasts are kept at float64); a model
+    that computes its loss in a coarser dtype after the head (a fused LM head multiplies in its weight's dtype) is
+    compared to that dtype's precision.
     """
     if dtype == torch.float64:
         return 1e-6
-    if dtype in (torch.bfloat16, torch.float16):
-        return 2e-2
-    return 1e-4
+    if dtype == torch.float32:
+        return 1e-3
+    return 5e-2
 
 
-def coarser(*dtypes: torch.dtype) -> torch.dtype:
-    """Return the least precise of floating dtypes: a comparison is as exact as its coarser side."""
-    return max(dtypes, key=lambda dtype: torch.finfo(dtype).eps)
+@dataclass
+class Curvature:
+    """The model's loss rerun at the probe points: each point ``z``, its direction ``v`` and ``H(z) v``."""
+
+    points: list[torch.Tensor]
+    directions: list[torch.Tensor]
+    products: list[torch.Tensor]
+    dtype: torch.dtype  # the precision the model's loss was computed in
+
+    @property
+    def tolerance(self) -> float:
+        return curvature_tolerance(self.dtype)
 
 
-@dataclass(frozen=True)
-class LossCheck:
-    """The loss recomputed from the head (``assumed``) beside the one the model returned (``returned``)."""
+@dataclass
+class FormCheck:
+    """One assumed form against the model: the factor between their curvatures, and how far apart they are."""
 
-    assumed: float
-    returned: float
-    description: str
-    source: str
-    dtype: torch.dtype
+    form: HeadTask
+    factor: float  # model curvature / assumed curvature, fitted over the probe points
+    residuals: list[float]  # per probe point, relative
+    tolerance: float
+    counted: bool  # whether either loss curves in the head's output (otherwise there is nothing to compare)
 
     @property
     def agrees(self) -> bool:
-        """Whether the two agree within :func:`loss_tolerance` of the head's dtype (both finite)."""
-        values = torch.tensor([self.assumed, self.returned], dtype=torch.float64)
-        if not bool(torch.isfinite(values).all()):
-            return False
-        scale = max(abs(self.assumed), abs(self.returned), 1e-12)
-        return abs(self.assumed - self.returned) <= loss_tolerance(self.dtype) * scale
-
-    def message(self, where: str, head_name: str) -> str:
-        """Say what disagreed, by how much, and the ways out."""
-        difference = abs(self.assumed - self.returned) / max(abs(self.returned), 1e-12)
-        return (
-            f"FAM cannot certify the penalty: on the first {where} batch, the loss recomputed from the head "
-            f"{head_name!r} as {self.description} is {self.assumed:.8g}, but {self.source} returned "
-            f"{self.returned:.8g} (relative difference {difference:.3g}, tolerance {loss_tolerance(self.dtype):g} "
-            f"for {self.dtype}). The penalty is the relative flatness of the assumed loss, so it would not be the "
-            f"model's. {WAYS_OUT}"
-        )
+        return self.counted and all(r <= self.tolerance for r in self.residuals)
 
 
-def describe_loss(task: HeadTask, loss: str, label_smoothing: float, divisor: str) -> str:
-    """Return the loss fam_hf assumes, in words: its kind, the logit transform, the rows and the normalization."""
-    logits = "the head's output"
-    if task.logit_scale is not None:
-        logits = f"({logits} * {task.logit_scale:g})"
-    if task.softcap is not None:
-        logits = f"{task.softcap:g} * tanh({logits} / {task.softcap:g})"
-    name = loss if not label_smoothing else f"{loss} with label smoothing {label_smoothing:g}"
+def probe_points(z0: torch.Tensor, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Return ``(point, direction)`` pairs: ``z0``, a rescaled ``c * z0`` with large logits, and ``z0`` plus noise.
+
+    Drawn from a generator of their own, so the training's random streams are untouched.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal() -> torch.Tensor:
+        return torch.randn(z0.shape, generator=generator, dtype=torch.float64).to(z0.device)
+
+    size = float(z0.abs().max()) if z0.numel() else 0.0
+    spread = float(z0.std()) if z0.numel() > 1 else 0.0
+    noise = normal() * PROBE_OFFSET_SIZE * max(spread, 1.0)
+    base = z0 if size > 1e-6 else noise
+    scaled = base * (PROBE_LOGIT_SIZE / max(float(base.abs().max()), 1e-12))
+    return [(z0, normal()), (scaled, normal()), (z0 + noise, normal())]
+
+
+def hessian_vector_product(loss_of: Callable[[torch.Tensor], torch.Tensor], point: torch.Tensor, direction: torch.Tensor):
+    """Return ``(H v, loss dtype)`` for ``loss_of`` at ``point``: by double backward, or by central differences of
+    the gradient where the loss has no second derivative (a fused kernel's backward)."""
+    with torch.enable_grad():
+        z = point.detach().clone().requires_grad_(True)
+        loss = loss_of(z)
+        dtype = loss.dtype
+        try:
+            (grad,) = torch.autograd.grad(loss, z, create_graph=True, allow_unused=True)
+            if grad is None:
+                return torch.zeros_like(point), dtype  # the loss does not read the head's output
+            if grad.requires_grad:
+                (product,) = torch.autograd.grad(grad, z, direction, allow_unused=True)
+                return (torch.zeros_like(point) if product is None else product.detach()), dtype
+        except RuntimeError:
+            pass
+    return _difference_product(loss_of, point, direction, dtype), dtype
+
+
+def _difference_product(loss_of, point: torch.Tensor, direction: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``H v`` as the central difference of the gradient along ``v``, with the step that balances truncation and
+    rounding in ``dtype``, the precision the loss is computed in."""
+    relative = torch.finfo(dtype).eps ** (1 / 3)
+    step = relative * max(float(point.abs().max()), 1.0) / max(float(direction.abs().max()), 1e-12)
+
+    def gradient(at: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            z = at.detach().clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(loss_of(z), z, allow_unused=True)
+        return torch.zeros_like(at, dtype=torch.float64) if grad is None else grad.detach().to(torch.float64)
+
+    return (gradient(point + step * direction) - gradient(point - step * direction)) / (2 * step)
+
+
+def model_curvature(
+    run_loss: Callable[[], torch.Tensor],
+    replacing: Callable[[Callable[[torch.Tensor], torch.Tensor]], contextlib.AbstractContextManager],
+    guard: Callable[[], contextlib.AbstractContextManager],
+    fused: bool,
+    seed: int = 0,
+) -> Curvature | None:
+    """Rerun the model's loss as a function of the watched output and return its curvature at the probe points.
+
+    ``run_loss()`` computes the loss once (a forward pass); ``replacing(fn)`` makes the watched layer's output
+    ``fn(output)`` within a block (:meth:`fam_hf.FlatnessProbe.replacing_output`); ``guard()`` keeps the rerun from
+    touching the run (random streams, buffers, metrics). ``None`` if the watched layer did not run.
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(output: torch.Tensor) -> torch.Tensor:
+        captured["z0"] = output.detach()
+        return output
+
+    with guard(), torch.no_grad(), replacing(capture):
+        run_loss()
+    if "z0" not in captured:
+        return None
+    z0 = captured["z0"]
+    # a fused head multiplies the hidden state by its weight: the rerun keeps that weight's dtype
+    dtype = z0.dtype if fused and z0.dtype != torch.float64 else torch.float64
+    if fused and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+
+    def loss_of(z: torch.Tensor) -> torch.Tensor:
+        with guard(), torch.no_grad(), replacing(lambda output: z), keep_float64():
+            return run_loss()
+
+    points, directions, products, dtypes = [], [], [], []
+    for point, direction in probe_points(z0.to(torch.float64), seed):
+        point, direction = point.to(dtype), direction.to(dtype)
+        product, loss_dtype = hessian_vector_product(loss_of, point, direction)
+        points.append(point)
+        directions.append(direction)
+        products.append(product.to(torch.float64))
+        dtypes.append(loss_dtype)
+    coarsest = max(dtypes + [dtype], key=lambda d: torch.finfo(d).eps)
+    return Curvature(points, directions, products, coarsest)
+
+
+def check_forms(
+    curvature: Curvature,
+    forms: list[HeadTask],
+    inputs: dict[str, Any],
+    labels: torch.Tensor | None,
+    to_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> list[FormCheck]:
+    """Return one :class:`FormCheck` per form, in order: the assumed loss's curvature against the model's."""
+    checks = []
+    for form in forms:
+        assumed = []
+        for point, direction in zip(curvature.points, curvature.directions):
+
+            def loss_of(z: torch.Tensor, form: HeadTask = form) -> torch.Tensor:
+                return assumed_loss(form, z if to_logits is None else to_logits(z), inputs, labels)
+
+            product, _ = hessian_vector_product(loss_of, point.to(torch.float64), direction.to(torch.float64))
+            assumed.append(product)
+        model = curvature.products
+        model_curves = any(float(m.abs().max()) > 0 for m in model)
+        denominator = sum(float((a * a).sum()) for a in assumed)
+        if denominator == 0.0:  # fam_hf sees no counted row: a match only if the model's loss ignores the head too
+            factor, residuals = 0.0, [1.0 if model_curves else 0.0 for _ in model]
+        else:
+            factor = sum(float((m * a).sum()) for m, a in zip(model, assumed)) / denominator
+            residuals = []
+            for m, a in zip(model, assumed):
+                scale = max(float(m.norm()), abs(factor) * float(a.norm()))
+                residuals.append(float((m - factor * a).norm()) / scale if scale > 0 else 0.0)
+        counted = model_curves or denominator > 0
+        checks.append(FormCheck(form, factor, residuals, curvature.tolerance, counted))
+    return checks
+
+
+def assumed_loss(task: HeadTask, logits: torch.Tensor, inputs: dict[str, Any], labels: torch.Tensor | None):
+    """Return the un-normalized loss fam_hf assumes, as a differentiable function of the head's whole output.
+
+    Its Hessian in the logits is the one the penalty uses (label smoothing and soft targets share it, so plain
+    cross-entropy stands for them); the model's loss must be a constant multiple of it, up to head-independent terms.
+    """
+    logits = logits.to(torch.float64) if logits.dtype != torch.float64 else logits
+    if task.grouped:
+        groups = task.groups(logits, logits, inputs, labels)
+        if groups.targets is None:
+            return logits.sum() * 0
+        total = logits.new_zeros(())
+        transformed = task.transform(groups.logits)
+        for column, weight in enumerate(groups.column_weights):
+            counted = groups.counted[:, column]
+            if bool(counted.any()):
+                total = total + weight * F.cross_entropy(
+                    transformed[..., column], groups.targets[:, column], ignore_index=IGNORE_INDEX
+                )
+        return total * groups.rows.to(total.dtype)
+    if labels is None:
+        return logits.sum() * 0
+    _, rows, row_labels = task.select(logits, logits, inputs, labels)
+    rows = task.transform(rows).reshape(-1, rows.shape[-1])
+    loss = task.loss_for(labels)
+    if loss == "cross_entropy":
+        if row_labels.is_floating_point():
+            return F.cross_entropy(rows, row_labels.to(rows.dtype).reshape(rows.shape), reduction="sum")
+        return F.cross_entropy(rows, row_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    targets = row_labels.to(rows.dtype).reshape(rows.shape)
+    if loss == "mse":
+        return F.mse_loss(rows, targets, reduction="sum") / rows.shape[-1]
+    return F.binary_cross_entropy_with_logits(rows, targets, reduction="sum") / rows.shape[-1]
+
+
+def describe_form(task: HeadTask, loss: str) -> str:
+    """Return the loss fam_hf assumes, in words: its kind, the transform after the head and the rows."""
     if task.kind in GROUPED_KINDS:
         rows = "each example's " + ("positions (start and end)" if task.kind == "question_answering" else "choices")
     elif task.kind == CAUSAL_LM:
@@ -97,34 +271,105 @@ def describe_loss(task: HeadTask, loss: str, label_smoothing: float, divisor: st
         rows = "one row per example"
     else:
         rows = "the rows whose label is not -100"
-    return f"{name} of {logits} over {rows}, summed and divided by {divisor}"
+    return f"{loss} of {task.describe()} over {rows}"
 
 
-def settle(
-    check: LossCheck | None, mismatched: bool, missing: bool, penalize: bool, where: str, head_name: str
-) -> bool:
-    """Act on a batch's check; return whether the loss is settled (``False``: check again on a later batch).
-
-    ``check`` is this process's (``None`` without a counted row); ``mismatched`` and ``missing`` say whether any
-    process disagreed or had nothing to check, so all processes decide alike. A mismatch raises
-    :class:`LossMismatchError` when the penalty trains (``penalize``), and warns once otherwise.
-    """
-    if mismatched:
-        if check is None or check.agrees:
-            message = f"FAM cannot certify the penalty: another process's loss disagreed on the first {where} batch."
-        else:
-            message = check.message(where, head_name)
-        if penalize:
-            raise LossMismatchError(message)
-        logger.warning("%s Only measuring (fam_lambda=0): relative_flatness is that of the assumed loss.", message)
-        return True
-    if missing:
-        return False
-    logger.info(
-        "FAM: certified on the first %s batch: %s is %.8g, as %s returned.",
-        where,
-        check.description,
-        check.assumed,
-        check.source,
+def mismatch_message(
+    checks: list[FormCheck], where: str, head_name: str, source: str, loss: str, has_labels: bool
+) -> str:
+    """Say what was compared, how far apart each form was, and the ways out."""
+    if not has_labels:
+        return (
+            f"FAM cannot certify the penalty: on the first {where} batch, {source} returned a loss that depends on "
+            f"the head {head_name!r}, but the batch has no labels for the head's loss, so fam_hf cannot tell which "
+            f"loss that is. {WAYS_OUT}"
+        )
+    tried = "; ".join(
+        f"{describe_form(c.form, loss)}: off by {max(c.residuals):.2g}" for c in checks[:4]
+    ) + ("; ..." if len(checks) > 4 else "")
+    return (
+        f"FAM cannot certify the penalty: on the first {where} batch, the curvature in the output of the head "
+        f"{head_name!r} of the loss that {source} returned matches none of the forms fam_hf can compute (Hessian-"
+        f"vector products at the head's output and at probe points, relative difference; tolerance "
+        f"{checks[0].tolerance:g}): {tried}. The penalty would be the relative flatness of another loss. Losses "
+        f"whose curvature fam_hf cannot compute include a z-loss on the logits and per-sequence weighting. {WAYS_OUT}"
     )
-    return True
+
+
+def normalization_message(factor: float, scale: float, where: str, head_name: str, source: str) -> str:
+    """Say that the penalty's normalization differs from the loss's."""
+    return (
+        f"FAM cannot certify the penalty: on the first {where} batch, the loss that {source} returned has the form "
+        f"fam_hf assumes at the head {head_name!r}, but {factor:.8g} times its un-normalized sum, while the penalty "
+        f"would be scaled by {scale:.8g}: the loss divides (or weights) its rows differently. {WAYS_OUT}"
+    )
+
+
+@contextlib.contextmanager
+def keep_float64() -> Iterator[None]:
+    """Within the block, ``Tensor.float()`` leaves float64 tensors as they are.
+
+    transformers' losses call ``logits.float()`` to compute in at least float32; on the certificate's float64
+    rerun that would round the curvature to float32. Only the rerun runs under this.
+    """
+    had_own = "float" in vars(torch.Tensor)
+    original = torch.Tensor.float
+
+    def float_(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self if self.dtype == torch.float64 else original(self, *args, **kwargs)
+
+    torch.Tensor.float = float_
+    try:
+        yield
+    finally:
+        if had_own:
+            torch.Tensor.float = original
+        else:
+            del torch.Tensor.float
+
+
+@contextlib.contextmanager
+def isolated_rerun(model: nn.Module, device: torch.device | None = None) -> Iterator[None]:
+    """Run a block without leaving a trace on the run: random streams forked, buffers restored, no autocast.
+
+    A rerun of the forward pass in training mode would draw dropout masks and update batch-norm statistics;
+    a plain run must not see either, so ``fam_lambda=0`` stays the plain Trainer bit for bit.
+    """
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = [device] if device is not None and device.type == "cuda" else []
+    device_type = device.type if device is not None else "cpu"
+    with torch.random.fork_rng(devices=devices), torch.autocast(device_type, enabled=False):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
+
+
+def log_certified(check: FormCheck, assumed: HeadTask, where: str, source: str, loss: str) -> None:
+    """Log the certified form (and the form it replaced, when the model's loss was not the one first assumed)."""
+    if check.form != assumed:
+        logger.info("FAM: the model's loss reads %s, not %s.", check.form.describe(), assumed.describe())
+    logger.info(
+        "FAM: certified on the first %s batch: %s returned %s (its curvature in the head's output within %.2g of "
+        "fam_hf's at %d probe points).",
+        where,
+        source,
+        describe_form(check.form, loss),
+        max(check.residuals),
+        len(check.residuals),
+    )
+
+
+def settle_checks(
+    checks: list[FormCheck], failed: list[bool], missing: bool
+) -> tuple[FormCheck | None, bool]:
+    """Return ``(the first form every process agrees on or None, settled)``; ``settled`` is False when no process
+    had a counted row (check again on a later batch)."""
+    if missing:
+        return None, False
+    for check, fails in zip(checks, failed):
+        if not fails:
+            return check, True
+    return None, True

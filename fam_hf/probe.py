@@ -82,6 +82,7 @@ class FlatnessProbe:
         linear_weight(self.head)  # fail now, with a clear message, if the head is not linear
         self.task = HeadTask.from_model(model, loss=loss)
         self._request: dict[str, Any] | None = None
+        self._replace: Callable[[torch.Tensor], torch.Tensor] | None = None
         watched = _base_model(model).base_model if fused else self.head
         self._handle = watched.register_forward_hook(self._on_forward, prepend=True)
 
@@ -120,7 +121,23 @@ class FlatnessProbe:
         finally:
             self._request = None
 
-    def _on_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+    @contextlib.contextmanager
+    def replacing_output(self, replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+        """Within the block, the watched layer's output ``z`` is replaced by ``replace(z)``, with gradients on.
+
+        The certificate reruns the model's own loss this way, as a function of the head's output alone: run the
+        forward pass under ``torch.no_grad()`` and only what follows the head records a graph (to the new ``z``).
+        The watched output is the head's logits, or the backbone's last hidden state for a fused head.
+        """
+        self._replace = replace
+        try:
+            yield
+        finally:
+            self._replace = None
+
+    def _on_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if self._replace is not None:
+            return self._replaced(output)
         request = self._request
         if request is None:
             return
@@ -148,6 +165,23 @@ class FlatnessProbe:
         result.dtype = _logits_dtype(logits, features)
         request["results"].append(result)
 
+    def fused_logits(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Return the map from a fused head's watched hidden state to its logits, in float64 (the certificate's)."""
+        weight, bias = (_full_tensor(t) for t in linear_weight(self.head))
+        weight = weight.detach().to(torch.float64)
+        bias = None if bias is None else bias.detach().to(torch.float64)
+        return lambda hidden: F.linear(hidden.to(torch.float64), weight, bias)
+
+    def _replaced(self, output: Any) -> Any:
+        torch.set_grad_enabled(True)  # restored when the caller's no_grad block ends
+        if isinstance(output, torch.Tensor):
+            return self._replace(output)
+        if isinstance(output, tuple) and not hasattr(output, "keys"):
+            return (self._replace(output[0]), *output[1:])
+        first = next(iter(output.keys()))  # a ModelOutput: its first field is the hidden state or the logits
+        output[first] = self._replace(output[first])
+        return output
+
     def _measure(self, weight, bias, features, logits, request) -> BatchFlatness:
         if self.task.grouped:
             return self._measure_groups(weight, bias, features, logits, request)
@@ -167,11 +201,15 @@ class FlatnessProbe:
 
     def _flatness(self, weight, bias, features, logits, labels, loss, request) -> FlatnessSum:
         """The penalty's sum over the loss's rows, or its unbiased estimate from a sample of them."""
-        scale = self.task.logit_scale
+        scale, offset = self.task.logit_scale, self.task.offset
         if scale is not None:
             weight = weight * scale
             bias = None if bias is None else bias * scale
             logits = None if logits is None else logits * scale
+        if offset is not None:  # a constant vector after the head shifts the logits, as a bias would
+            vector = offset.value(weight)
+            bias = vector if bias is None else bias + vector
+            logits = None if logits is None else logits + vector.to(logits.dtype)
         counted = None
         if request["sample"] and self.max_rows:
             drawn = sample_rows(features, logits, labels, self.max_rows, self._next_generator())

@@ -3,20 +3,22 @@
 TRL's supervised finetuning computes the loss through a fused LM head that never materializes the logits, so
 the probe watches the backbone's last hidden state and computes the penalty chunk by chunk from the head's
 weight. TRL's loss is the sum of its per-token negative log-likelihoods (``-outputs.log_probs``) divided and
-scaled as TRL decides; the penalty takes the same factor, read off as the returned loss over that sum.
+scaled as TRL decides, plus an MoE router loss where TRL turns it on; the penalty takes the factor of the
+per-token terms, read off the loss's graph, and the certificate checks it against the loss's curvature.
 
 Requires ``pip install "fam_hf[trl]"``.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from .certificate import LossCheck, coarser, describe_loss
 from .config import FAMTrainingArguments
 from .head import _active_module, _is_lora_layer
 from .probe import BatchFlatness
@@ -65,7 +67,7 @@ class FAMSFTTrainer(FAMMixin, SAMMixin, SFTTrainer):
                 "the loss never sees. Put the head in PEFT's modules_to_save instead, or leave it frozen and set "
                 "fam_gradient='full' (the penalty then trains the adapters through the features)."
             )
-        self._fam_run.hooks.append(self.model.register_forward_hook(_record_token_loss_sum(self._fam_run.raw_loss)))
+        self._fam_run.hooks.append(self.model.register_forward_hook(_record_log_probs(self._fam_run.raw_loss)))
 
     def _sam_second_pass(self, *args: Any, **kwargs: Any) -> None:
         """SAM's second pass at the perturbed weights, without its entry in TRL's training metrics.
@@ -74,25 +76,14 @@ class FAMSFTTrainer(FAMMixin, SAMMixin, SFTTrainer):
         would count each token twice and mix the perturbed model's entropy into the logs. FAM's own logs keep the
         first pass already (``FAMRun.pending``).
         """
-        logged = {key: list(values) for key, values in self._metrics["train"].items()}
-        tokens = self._total_train_tokens
-        super()._sam_second_pass(*args, **kwargs)
-        self._metrics["train"].clear()
-        self._metrics["train"].update(logged)
-        self._total_train_tokens = tokens
+        with _trl_metrics_kept(self):
+            super()._sam_second_pass(*args, **kwargs)
 
-    def _fam_training_check(self, run: FAMRun, batch: BatchFlatness, loss: torch.Tensor, num_items) -> LossCheck | None:
-        """TRL's loss is its per-token losses' sum, divided and scaled as TRL decides: certify the sum itself."""
-        if batch.task_loss is None or not bool(batch.flatness.rows > 0):
-            return None
-        if not run.raw_loss:
-            self._fam_no_log_probs()
-        description = describe_loss(self.fam_probe().task, batch.loss, 0.0, "nothing (the sum itself)")
-        source = "TRL's fused LM head (the sum of -log_probs)"
-        returned = run.raw_loss[-1]
-        return LossCheck(
-            float(batch.task_loss), float(returned), description, source, coarser(batch.dtype, returned.dtype)
-        )
+    @contextlib.contextmanager
+    def _fam_isolated(self):
+        """The certificate's reruns leave TRL's metrics as they were, besides the run's random streams and buffers."""
+        with super()._fam_isolated(), _trl_metrics_kept(self):
+            yield
 
     def _fam_no_log_probs(self) -> None:
         raise RuntimeError(
@@ -101,24 +92,44 @@ class FAMSFTTrainer(FAMMixin, SAMMixin, SFTTrainer):
         )
 
     def _fam_scale(self, run: FAMRun, loss: torch.Tensor, batch: BatchFlatness, num_items_in_batch) -> torch.Tensor:
-        """The returned loss over the sum of TRL's per-token losses: TRL's divisor and process factor at once.
+        """The returned loss's derivative in the fused head's per-token losses: TRL's divisor and process factor.
 
-        Both change with every batch's token count, so this is read on every step (without synchronizing). A
-        batch without a counted token has a zero sum and a zero penalty: its factor is 0.
+        Read off the loss's graph on every step (they change with every batch's token count), so a term that does
+        not come from the head, such as an MoE router loss, does not enter it. A batch without a counted token has
+        a zero penalty and factor 0.
         """
         if not run.raw_loss:
             self._fam_no_log_probs()
-        token_loss_sum = run.raw_loss[-1].to(loss.device)
-        ratio = loss.detach() / token_loss_sum.clamp_min(torch.finfo(token_loss_sum.dtype).tiny)
-        return torch.where(token_loss_sum > 0, ratio, torch.zeros_like(ratio))
+        log_probs = run.raw_loss[-1]
+        if not (loss.requires_grad and log_probs.requires_grad):
+            return torch.zeros((), device=loss.device)
+        (weights,) = torch.autograd.grad(loss, log_probs, retain_graph=True, allow_unused=True)
+        if weights is None:
+            return torch.zeros((), device=loss.device)
+        counted = batch.flatness.rows
+        return (-weights.detach().double().mean()).to(loss.device) if bool(counted > 0) else weights.new_zeros(())
 
 
-def _record_token_loss_sum(record: list[torch.Tensor]):
-    """Return a forward hook keeping ``-sum(log_probs)``, the sum of the fused head's per-token losses."""
+@contextlib.contextmanager
+def _trl_metrics_kept(trainer: SFTTrainer) -> Iterator[None]:
+    """Within the block, TRL's logged metrics and its count of tokens seen do not change."""
+    metrics = {mode: {key: list(values) for key, values in logged.items()} for mode, logged in trainer._metrics.items()}
+    tokens = trainer._total_train_tokens
+    try:
+        yield
+    finally:
+        for mode, logged in metrics.items():
+            trainer._metrics[mode].clear()
+            trainer._metrics[mode].update(logged)
+        trainer._total_train_tokens = tokens
+
+
+def _record_log_probs(record: list[torch.Tensor]):
+    """Return a forward hook keeping the fused head's per-token log-probabilities (with their graph)."""
 
     def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
         log_probs = getattr(output, "log_probs", None)
         if isinstance(log_probs, torch.Tensor) and torch.is_grad_enabled() and module.training:
-            record.append(-log_probs.detach().float().sum())
+            record.append(log_probs)
 
     return hook
