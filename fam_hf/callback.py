@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from .certificate import LossCheck, coarser, describe_loss, settle
+from .certificate import check_forms, isolated_rerun, mismatch_message, model_curvature, normalization_message
 from .probe import BatchFlatness, FlatnessProbe
 from .rows import CAUSAL_LM, GROUPED_KINDS, SEQUENCE, UnsupportedTaskError
 
@@ -205,7 +205,7 @@ class RelativeFlatnessCallback(TrainerCallback):
                 "the loss the trainer optimizes.",
             )
         elif not self._checked and not module.training and isinstance(returned, torch.Tensor):
-            self._checked = self._certify(batch, returned.detach())
+            self._checked, batch = self._certify(module, args, kwargs, inputs, batch)
         sums = [batch.flatness.total.detach().double(), batch.flatness.rows.detach().double()]
         if module.training:
             self._train_sums = sums
@@ -296,21 +296,42 @@ class RelativeFlatnessCallback(TrainerCallback):
         total, rows = (float(v) for v in stacked)
         return total / max(rows, 1.0)
 
-    def _certify(self, batch: BatchFlatness, returned: torch.Tensor) -> bool:
-        """The trainer's certificate on the first evaluation batch with a loss: warn once if the loss recomputed
-        from the head is not the one the model returned. Return whether the check was made."""
-        rows = batch.flatness.rows
-        if batch.task_loss is None or not bool(rows > 0) or not bool(torch.isfinite(returned)):
-            return False
+    def _certify(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], inputs: dict[str, Any], batch):
+        """The trainer's certificate (:mod:`fam_hf.certificate`) on the first evaluation batch with a loss.
+
+        Reruns the model with its head's output replaced, keeps the form of the loss that matches its curvature (and
+        measures this batch again if that form is not the one assumed), and warns once if none does. Returns
+        ``(whether the check was made, the batch's measurement)``.
+        """
         probe = self._probes[False]
-        check = LossCheck(
-            float(batch.task_loss / rows),
-            float(returned),
-            describe_loss(probe.task, batch.loss, 0.0, "the batch's counted rows"),
-            f"the model ({type(self._model).__name__})",
-            coarser(batch.dtype, returned.dtype) if returned.is_floating_point() else batch.dtype,
-        )
-        return settle(check, not check.agrees, False, penalize=False, where="evaluation", head_name=probe.head_name)
+
+        def run_loss() -> torch.Tensor:
+            output = module(*args, **dict(kwargs))
+            return output.get("loss") if isinstance(output, dict) else output.loss
+
+        device = next((p.device for p in module.parameters()), None)
+        curvature = model_curvature(run_loss, probe.replacing_output, lambda: isolated_rerun(module, device), False)
+        if curvature is None:
+            return False, batch
+        checks = check_forms(curvature, probe.task.forms(module, probe.head_name), inputs, inputs.get("labels"))
+        if not any(check.counted for check in checks):
+            return False, batch
+        chosen = next((check for check in checks if check.agrees), None)
+        source = f"the model ({type(module).__name__})"
+        if chosen is None:
+            message = mismatch_message(checks, "evaluation", probe.head_name, source, batch.loss, True)
+            logger.warning("%s Only measuring: relative_flatness is that of the assumed loss.", message)
+            return True, batch
+        if chosen.form != probe.task:
+            probe.task = chosen.form
+            with torch.no_grad(), probe.watch(inputs, inputs.get("labels"), gradient=None) as seen:
+                module(*args, **dict(kwargs))
+            batch = seen[0]
+        rows = float(batch.flatness.rows)
+        if rows > 0 and abs(chosen.factor * rows - 1) > chosen.tolerance:
+            message = normalization_message(chosen.factor, 1 / rows, "evaluation", probe.head_name, source)
+            logger.warning("%s Only measuring.", message)
+        return True, batch
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

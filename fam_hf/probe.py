@@ -207,7 +207,7 @@ class FlatnessProbe:
             bias = None if bias is None else bias * scale
             logits = None if logits is None else logits * scale
         if offset is not None:  # a constant vector after the head shifts the logits, as a bias would
-            vector = offset.value(weight)
+            vector = offset.value(weight, detach=request["gradient"] != "full")
             bias = vector if bias is None else bias + vector
             logits = None if logits is None else logits + vector.to(logits.dtype)
         counted = None

@@ -14,8 +14,10 @@ The kind of task comes from the model, never from a guess: its ``loss_type`` (wh
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -86,6 +88,75 @@ class GroupedRows:
     rows: torch.Tensor  # scalar, float
 
 
+@dataclass(frozen=True, eq=False)
+class LogitOffset:
+    """A tensor the model adds to the head's output before its loss: ``module.<attribute>`` as it is at each use."""
+
+    module: nn.Module
+    attribute: str
+    name: str  # its dotted name in the model, for messages
+
+    def value(self, like: torch.Tensor, detach: bool = True) -> torch.Tensor:
+        """Return the offset as a vector over the head's outputs, in ``like``'s dtype and on its device (with its
+        gradient, if not ``detach``: a trained offset such as ESM's bias is part of the full penalty's gradient)."""
+        tensor = getattr(self.module, self.attribute)
+        tensor = tensor.detach() if detach else tensor
+        return tensor.reshape(-1).to(device=like.device, dtype=like.dtype)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LogitOffset) and (self.module, self.attribute) == (other.module, other.attribute)
+
+    def __hash__(self) -> int:
+        return hash((id(self.module), self.attribute))
+
+
+# Config fields that soft-cap the logits after the head, as transformers' families spell them.
+SOFTCAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+
+
+def documented_softcap(*configs: Any) -> float | None:
+    """Return the logit soft cap a config documents under any of :data:`SOFTCAP_FIELDS`, or ``None``."""
+    for config in configs:
+        for name in SOFTCAP_FIELDS:
+            value = getattr(config, name, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                return float(value)
+    return None
+
+
+def find_logit_offset(model: nn.Module, head_name: str) -> LogitOffset | None:
+    """Return a vector the model may add to the head's output: ``final_logits_bias``, or a parent's own ``bias``.
+
+    BART, Marian, mBART, Pegasus, Blenderbot, LED, PLBart and MVP register ``final_logits_bias`` and add it after
+    their LM head; ESM's LM head adds its ``bias`` after ``decoder``, the layer fam_hf picks. These are candidates
+    only: the certificate keeps one if the model's loss shows it.
+    """
+    from .head import _base_model
+
+    base = _base_model(model)
+    for name, tensor in [*base.named_buffers(), *base.named_parameters()]:
+        if name.split(".")[-1] == "final_logits_bias":
+            owner_name = name.rpartition(".")[0]
+            return LogitOffset(base.get_submodule(owner_name), "final_logits_bias", name)
+    parent_name, _, child = head_name.rpartition(".")
+    if not parent_name or "[" in head_name:
+        return None
+    parent = base.get_submodule(parent_name) if _has_submodule(base, parent_name) else None
+    head = getattr(parent, child, None)
+    bias = getattr(parent, "bias", None)
+    if isinstance(bias, torch.Tensor) and isinstance(head, nn.Module) and bias is not getattr(head, "bias", None):
+        return LogitOffset(parent, "bias", f"{parent_name}.bias")
+    return None
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class HeadTask:
     """How a model's loss reads its head: the kind of task, and the settings the loss depends on."""
@@ -96,7 +167,8 @@ class HeadTask:
     num_labels: int | None = None
     pad_token_id: int | None = None
     logit_scale: float | None = None  # a multiplier the model applies to the head's output (Granite, Cohere, ...)
-    softcap: float | None = None  # Gemma-2's final logit soft-capping, applied after the head (and the scale)
+    softcap: float | None = None  # a soft cap on the logits (Gemma-2, RecurrentGemma, xLSTM), applied last
+    offset: LogitOffset | None = None  # a vector added after the head and the scale (BART's final_logits_bias, ...)
 
     @classmethod
     def from_model(cls, model: nn.Module, loss: str | None = None) -> HeadTask:
@@ -142,16 +214,52 @@ class HeadTask:
             num_labels=getattr(config, "num_labels", None),
             pad_token_id=getattr(text_config, "pad_token_id", None),
             logit_scale=documented_logit_scale(text_config),
-            softcap=getattr(text_config, "final_logit_softcapping", None),
+            softcap=documented_softcap(config, text_config),
         )
 
+    def forms(self, model: nn.Module, head_name: str) -> list[HeadTask]:
+        """Return the forms the model's loss may take after the head, the most likely first.
+
+        Each is a hypothesis that :mod:`fam_hf.certificate` tests against the model's own loss; none is trusted
+        unverified. The alternatives are a soft cap the config documents or not (Gemma-2's classifiers do not
+        apply the cap their config names), a vector added after the head or not (``final_logits_bias``, ESM's
+        ``lm_head.bias``), a documented logit scale or not, and, for a causal-LM head, labels shifted by the model
+        or already shifted by the caller (BART's and XLNet's causal-LM heads).
+        """
+        offsets = [find_logit_offset(model, head_name), None]
+        choices = {
+            "softcap": [self.softcap, None],
+            "offset": [offset for offset in offsets if offset is not None] + [None],
+            "logit_scale": [self.logit_scale, None],
+            "kind": [self.kind, TOKENS] if self.kind == CAUSAL_LM else [self.kind],
+        }
+        forms: list[HeadTask] = []
+        for softcap, offset, scale, kind in itertools.product(*(dict.fromkeys(v) for v in choices.values())):
+            form = replace(self, softcap=softcap, offset=offset, logit_scale=scale, kind=kind)
+            if form not in forms:
+                forms.append(form)
+        return forms
+
     def transform(self, logits: torch.Tensor) -> torch.Tensor:
-        """Return what the loss reads from the head's output: scaled, then soft-capped, in at least float32."""
+        """Return what the loss reads from the head's output: scaled, offset, then soft-capped, in at least float32."""
         logits = at_least_float32(logits)
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
+        if self.offset is not None:
+            logits = logits + self.offset.value(logits)
         if self.softcap is not None:
             logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+    def describe(self) -> str:
+        """Return the transform in words, as applied to "the head's output"."""
+        logits = "the head's output"
+        if self.logit_scale is not None:
+            logits = f"({logits} * {self.logit_scale:g})"
+        if self.offset is not None:
+            logits = f"({logits} + {self.offset.name})"
+        if self.softcap is not None:
+            logits = f"{self.softcap:g} * tanh({logits} / {self.softcap:g})"
         return logits
 
     @property
@@ -416,3 +524,35 @@ def sample_rows(
     flat_logits = None if logits is None else logits.reshape(flat_features.shape[0], -1)[drawn]
     chosen_labels = None if flat_labels is None else flat_labels[drawn]
     return flat_features[drawn], flat_logits, chosen_labels, counted.numel()
+
+
+# The automatic row budget aims the penalty at this share of a training step's compute.
+AUTO_ROWS_COST_SHARE = 0.03
+# Never estimate the penalty from fewer rows than this: below it the estimate's variance grows quickly.
+AUTO_ROWS_MINIMUM = 32
+
+
+def auto_max_rows(model: nn.Module, head_weight_shape: tuple[int, int]) -> AutoRows | None:
+    """Return the automatic row budget for a model's head, or ``None`` when every row is cheap enough.
+
+    A training step costs about ``6 P`` operations per row (forward and backward through ``P`` parameters); the
+    exact penalty costs about four head-sized products, ``8 m d`` per row for an ``m x d`` head. Estimating it from
+    a fraction ``f`` of the rows keeps it near :data:`AUTO_ROWS_COST_SHARE` of the step when
+    ``f * 8 m d = share * 6 P``. A classifier's head is tiny against ``P``, so ``f >= 1`` and the penalty stays
+    exact; a language model's head is a large part of ``P``, so the penalty is estimated without bias from a
+    sample of the batch's rows that grows with the batch.
+    """
+    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    width, dim = head_weight_shape
+    fraction = AUTO_ROWS_COST_SHARE * 6 * parameters / (8 * width * dim)
+    return None if fraction >= 1 else AutoRows(fraction)
+
+
+@dataclass(frozen=True)
+class AutoRows:
+    """A row budget that follows the batch: ``fraction`` of its counted rows, at least :data:`AUTO_ROWS_MINIMUM`."""
+
+    fraction: float
+
+    def __call__(self, counted: int) -> int:
+        return max(AUTO_ROWS_MINIMUM, math.ceil(self.fraction * counted))

@@ -17,17 +17,37 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer_pt_utils import find_batch_size
 
-from .certificate import LossCheck, coarser, describe_loss, settle
+from .certificate import (
+    FormCheck,
+    LossMismatchError,
+    check_forms,
+    describe_form,
+    isolated_rerun,
+    log_certified,
+    mismatch_message,
+    model_curvature,
+    normalization_message,
+    settle_checks,
+)
 from .config import FAMTrainingArguments
+from .evaluation import first_examples, kept_examples, padded_last_batch
 from .head import _active_module, check_effective_weight, head_shape
+from .model_card import create_fam_model_card
 from .probe import BatchFlatness, FlatnessProbe
-from .run import FAMRun, FAMRunStarter, FAMState, LossRecorder, add_to, auto_max_rows, record_model_loss
+from .rows import auto_max_rows
+from .run import FAMRun, FAMRunStarter, FAMState, LossRecorder, add_to, record_model_loss
 from .sam import SAMMixin, check_sam
 
 logger = logging.getLogger(__name__)
 
 FAM_CONFIG_NAME = "fam_config.json"
+# The settings a calibrated fam_lambda (fam_lambda=None) was resolved under: each changes kappa's scale (another head,
+# loss or normalization) or the share aimed at, so a run resumed with one of them changed recalibrates. A change of
+# spelling only (fam_layer=None to the head's own name) recalibrates too, harmlessly. fam_gradient changes only the
+# penalty's gradient, and fam_max_rows only how many rows estimate the same kappa (without bias): the lambda is kept.
+RECALIBRATED_ON = ("fam_share", "fam_normalize", "fam_layer", "fam_loss")
 
 
 class FAMMixin:
@@ -116,6 +136,14 @@ class FAMMixin:
         if run.fam_lambda != 0:
             self._fam_check_reach(probe)
 
+    def train(self, *args: Any, **kwargs: Any):
+        """The Trainer's ``train``; one that raises still removes the run's loss wrappers and hooks (a run that
+        raised never reaches ``on_train_end``), so the trainer is as it was built."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._fam_end_run()
+
     def _fam_end_run(self) -> None:
         run, self._fam_run = self._fam_run, None
         if run is None:
@@ -139,8 +167,16 @@ class FAMMixin:
         changed = {k: (saved.settings.get(k), v) for k, v in now.items() if saved.settings.get(k, v) != v}
         if changed:
             logger.warning("FAM: resuming with settings that differ from the checkpoint's (saved, now): %s", changed)
-        if self.args.fam_lambda is None and saved.fam_lambda is not None and "fam_share" not in changed:
-            return float(saved.fam_lambda)
+        if self.args.fam_lambda is None and saved.fam_lambda is not None:
+            rescaled = [name for name in RECALIBRATED_ON if name in changed]
+            if not rescaled:
+                return float(saved.fam_lambda)
+            logger.warning(
+                "FAM: %s changed since the checkpoint, and with it the scale of relative flatness or the share the "
+                "penalty aims at; fam_lambda (%.4g in the checkpoint) is recalibrated on the first resumed batch.",
+                ", ".join(rescaled),
+                saved.fam_lambda,
+            )
         return self.args.fam_lambda
 
     def _fam_check_reach(self, probe: FlatnessProbe) -> None:
@@ -170,13 +206,17 @@ class FAMMixin:
         inputs: dict[str, Any],
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
+        *args: Any,
+        **kwargs: Any,
     ):
         """Return the Trainer's loss plus ``fam_lambda * relative_flatness`` in training; measure it in evaluation."""
         run = self._fam_run
         if not model.training or run is None:
-            return self._fam_measure(model, inputs, return_outputs, num_items_in_batch)
+            return self._fam_measure(model, inputs, return_outputs, num_items_in_batch, *args, **kwargs)
         penalize = run.fam_lambda != 0
-        certify = "training" not in self._fam_certified
+        form = None
+        if "training" not in self._fam_certified:
+            form = self._fam_certify_form(model, inputs, num_items_in_batch, "training", penalize)
         sentinel = self._fam_sentinel(run, num_items_in_batch)
         run.raw_loss.clear()
         with run.probe.watch(
@@ -184,14 +224,9 @@ class FAMMixin:
             self._fam_labels(inputs),
             gradient=self.args.fam_gradient if penalize else None,
             sample=run.fam_lambda is not None,  # a calibration uses every row of its batch
-            with_task=certify,
-            label_smoothing=self._fam_label_smoothing(),
         ) as seen:
             result = super().compute_loss(
-                model,
-                inputs,
-                return_outputs=return_outputs,
-                num_items_in_batch=num_items_in_batch if sentinel is None else sentinel,
+                model, inputs, return_outputs, num_items_in_batch if sentinel is None else sentinel, *args, **kwargs
             )
         loss, outputs = result if return_outputs else (result, None)
         batch = self._fam_seen(seen, run.probe)
@@ -200,9 +235,10 @@ class FAMMixin:
             run.uses_num_items = used is not None
             if not run.uses_num_items:
                 self._fam_warn_ignored_num_items()
-        if certify:
-            self._fam_certify("training", self._fam_training_check(run, batch, loss, num_items_in_batch), penalize)
-        penalty = batch.flatness.total * self._fam_scale(run, loss, batch, num_items_in_batch)
+        scale = self._fam_scale(run, loss, batch, num_items_in_batch)
+        if form is not None:
+            self._fam_check_normalization(form, scale, "training", penalize)
+        penalty = batch.flatness.total * scale
         if penalize:
             self._fam_check_finite(penalty, loss)
         if run.fam_lambda is None:
@@ -236,70 +272,109 @@ class FAMMixin:
             add_to(run.window, task_loss=task_loss * factor, relative_flatness=penalty * factor)
         return step_loss
 
-    def _fam_measure(self, model, inputs, return_outputs, num_items_in_batch):
+    def _fam_measure(self, model, inputs, return_outputs, num_items_in_batch, *args, **kwargs):
         """Evaluation (or a call outside a training run): the Trainer's loss, and the penalty measured beside it."""
         probe = self.fam_probe()
-        certify = not model.training and "evaluation" not in self._fam_certified
-        labels = self._fam_labels(inputs)
-        smoothing = self._fam_label_smoothing()
-        with probe.watch(inputs, labels, gradient=None, with_task=certify, label_smoothing=smoothing) as seen:
-            result = super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
+        form = None
+        if not model.training and "evaluation" not in self._fam_certified:
+            form = self._fam_certify_form(model, inputs, num_items_in_batch, "evaluation", self.args.fam_lambda != 0)
+        batch_inputs = dict(inputs)  # as given: the Trainer pops the labels when it computes the loss itself
+        with probe.watch(inputs, self._fam_labels(inputs), gradient=None) as seen:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch, *args, **kwargs)
         if not model.training:
             batch = self._fam_seen(seen, probe)
-            add_to(self._fam_eval_sums, total=batch.flatness.total, rows=batch.flatness.rows)
-            loss = result[0] if return_outputs else result
-            if certify and isinstance(loss, torch.Tensor):
-                check = self._fam_check(batch, loss.detach(), None, self._fam_loss_source(recorded=False))
-                self._fam_certify("evaluation", check, penalize=self.args.fam_lambda != 0)
+            total, rows = self._fam_kept(model, batch_inputs, batch)
+            add_to(self._fam_eval_sums, total=total, rows=rows)
+            if form is not None:
+                scale = 1.0 / batch.flatness.rows.clamp_min(1)
+                self._fam_check_normalization(form, scale, "evaluation", self.args.fam_lambda != 0)
         return result
 
-    # ---- the certificate: the loss the penalty differentiates is the model's ----------------------------------
+    def _fam_kept(self, model, inputs: dict[str, Any], batch: BatchFlatness) -> tuple[torch.Tensor, torch.Tensor]:
+        """The evaluation batch's ``(total, rows)`` over the examples ``gather_for_metrics`` keeps.
 
-    def _fam_training_check(self, run: FAMRun, batch: BatchFlatness, loss: torch.Tensor, num_items) -> LossCheck | None:
-        """The first training batch's check: the recomputed loss against the loss before the Trainer rescaled it."""
-        divisor = num_items if num_items is not None and run.uses_num_items else None
-        returned = run.raw_loss[-1] if run.raw_loss else loss.detach()
-        return self._fam_check(batch, returned, divisor, self._fam_loss_source(recorded=bool(run.raw_loss)))
+        On the last batch of an evaluation under several processes, which repeats examples from the start of the
+        dataset (:mod:`fam_hf.evaluation`), every process measures its kept examples again, alone, through the
+        parent's ``compute_loss`` without side effects; a process that keeps none measures its first example and
+        counts nothing, so the processes run the same forward passes.
+        """
+        if not padded_last_batch(self.accelerator):
+            return batch.flatness.total, batch.flatness.rows
+        size = find_batch_size(inputs)
+        keep = kept_examples(self.accelerator, size)
+        kept = first_examples(inputs, size, max(keep, 1))
+        probe = self.fam_probe()
+        with self._fam_isolated(), torch.no_grad(), probe.watch(kept, self._fam_labels(kept), gradient=None) as seen:
+            super().compute_loss(model, kept)
+        total, rows = self._fam_seen(seen, probe).flatness
+        return (total, rows) if keep else (total * 0, rows * 0)
 
-    def _fam_check(
-        self, batch: BatchFlatness, returned: torch.Tensor, divisor: torch.Tensor | float | None, source: str
-    ) -> LossCheck | None:
-        """Return the :class:`LossCheck` of one batch, or ``None`` when it has no counted row or its loss overflowed
-        (nothing to compare: the next batch is checked instead)."""
-        if not bool(torch.isfinite(returned)):
-            return None
-        task = self.fam_probe().task
-        smoothing = self._fam_label_smoothing() if batch.loss == "cross_entropy" else 0.0
-        what = (
-            "num_items_in_batch (the counted rows of the whole accumulated batch)"
-            if divisor is not None
-            else ("the batch's counted rows")
-        )
-        description = describe_loss(task, batch.loss, smoothing, what)
-        dtype = coarser(batch.dtype, returned.dtype) if returned.is_floating_point() else batch.dtype
-        if batch.task_loss is None:
-            description = "nothing: the batch has no labels for the head's loss"
-            return LossCheck(float("nan"), float(returned), description, source, dtype)
-        rows = batch.flatness.rows
-        if not bool(rows > 0):
-            return None
-        assumed = batch.task_loss / (rows if divisor is None else _as_tensor(divisor, rows).to(rows.dtype))
-        return LossCheck(float(assumed), float(returned), description, source, dtype)
+    # ---- the certificate: the penalty's curvature is that of the model's own loss (fam_hf.certificate) -----------
 
-    def _fam_certify(self, where: str, check: LossCheck | None, penalize: bool) -> None:
-        """Settle one batch's check on every process alike: certified, refused, or to be checked on a later batch."""
+    def _fam_certify_form(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch, where: str, penalize: bool
+    ) -> FormCheck | None:
+        """Certify on this batch which form the model's loss takes after the head, and make the probe use it.
+
+        Reruns the parent trainer's ``compute_loss`` with the head's output replaced (side effects isolated) and
+        compares its curvature with each form's. Returns the agreed :class:`FormCheck` (its ``factor`` is then
+        checked against the penalty's scale), or ``None`` when the batch had nothing to compare or the loss was
+        refused while only measuring.
+        """
+        probe = self.fam_probe()
+        batch_inputs = dict(inputs)
+        labels = self._fam_labels(batch_inputs)
+        run = self._fam_run
+
+        def run_loss() -> torch.Tensor:
+            result = super(FAMMixin, self).compute_loss(model, dict(batch_inputs), num_items_in_batch=num_items_in_batch)
+            return result[0] if isinstance(result, tuple) else result
+
+        curvature = model_curvature(run_loss, probe.replacing_output, self._fam_isolated, probe.fused, self.args.seed)
+        if run is not None:
+            run.raw_loss.clear()  # the reruns' recorded losses are not this step's
+        if curvature is None:
+            self._fam_seen([], probe)
+        forms = probe.task.forms(self.model, probe.head_name)
+        checks = check_forms(curvature, forms, batch_inputs, labels, probe.fused_logits() if probe.fused else None)
         flags = torch.tensor(
-            [float(check is not None and not check.agrees), float(check is None)], device=self.args.device
+            [float(not c.agrees) for c in checks] + [float(not any(c.counted for c in checks))], device=self.args.device
         )
         if self.accelerator.num_processes > 1:
             flags = self.accelerator.reduce(flags, reduction="sum")
-        mismatched, missing = (bool(flag > 0) for flag in flags)
-        if settle(check, mismatched, missing, penalize, where, self.fam_probe().head_name):
-            self._fam_certified.add(where)
+        failed, missing = [bool(f > 0) for f in flags[:-1]], bool(flags[-1] >= self.accelerator.num_processes)
+        chosen, settled = settle_checks(checks, failed, missing)
+        if not settled:
+            return None
+        self._fam_certified.add(where)
+        loss_name = probe.task.loss_for(labels)
+        if chosen is None:
+            message = mismatch_message(
+                checks, where, probe.head_name, self._fam_loss_source(), loss_name, labels is not None
+            )
+            if penalize:
+                raise LossMismatchError(message)
+            logger.warning("%s Only measuring (fam_lambda=0): relative_flatness is that of the assumed loss.", message)
+            return None
+        log_certified(chosen, probe.task, where, self._fam_loss_source(), loss_name)
+        probe.task = chosen.form
+        return chosen if chosen.counted else None
 
-    def _fam_loss_source(self, recorded: bool) -> str:
+    def _fam_check_normalization(self, form: FormCheck, scale, where: str, penalize: bool) -> None:
+        """Refuse (or, only measuring, warn about) a penalty scaled unlike the loss the certificate measured."""
+        value = float(scale)
+        if abs(form.factor - value) <= form.tolerance * max(abs(value), abs(form.factor)):
+            return
+        message = normalization_message(form.factor, value, where, self.fam_probe().head_name, self._fam_loss_source())
+        if penalize:
+            raise LossMismatchError(message)
+        logger.warning("%s Only measuring (fam_lambda=0).", message)
+
+    def _fam_isolated(self):
+        """The context a certificate rerun runs in, so it leaves no trace on the run (see ``isolated_rerun``)."""
+        return isolated_rerun(self.model, self.args.device)
+
+    def _fam_loss_source(self) -> str:
         """Name what produced the loss the certificate compares with."""
         if self.compute_loss_func is not None:
             return "compute_loss_func"
@@ -307,12 +382,9 @@ class FAMMixin:
             return "the Trainer's label smoother"
         mro = type(self).__mro__
         owner = next(c for c in mro[mro.index(FAMMixin) + 1 :] if "compute_loss" in vars(c))
-        if recorded or owner is Trainer:
+        if owner is Trainer:
             return f"the model ({type(self.accelerator.unwrap_model(self.model)).__name__})"
         return f"{owner.__name__}.compute_loss"
-
-    def _fam_label_smoothing(self) -> float:
-        return float(getattr(self.label_smoother, "epsilon", 0.0) or 0.0) if self.label_smoother is not None else 0.0
 
     def _fam_seen(self, seen: list[BatchFlatness], probe: FlatnessProbe) -> BatchFlatness:
         if not seen:
@@ -441,15 +513,13 @@ class FAMMixin:
         prediction_loss_only: bool | None = None,
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
+        *args: Any,
+        **kwargs: Any,
     ):
         """Run the Trainer's evaluation and report ``<prefix>_relative_flatness`` over the whole dataset."""
         self._fam_eval_sums = {}
         output = super().evaluation_loop(
-            dataloader,
-            description,
-            prediction_loss_only=prediction_loss_only,
-            ignore_keys=ignore_keys,
-            metric_key_prefix=metric_key_prefix,
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix, *args, **kwargs
         )
         if self._fam_eval_sums:
             sums = torch.stack([self._fam_eval_sums["total"], self._fam_eval_sums["rows"]])
@@ -458,9 +528,11 @@ class FAMMixin:
         self._fam_eval_sums = {}
         return output
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+    def save_model(
+        self, output_dir: str | None = None, _internal_call: bool = False, *args: Any, **kwargs: Any
+    ) -> None:
         """Save the model as the Trainer does, with the FAM settings beside it in ``fam_config.json``."""
-        super().save_model(output_dir, _internal_call=_internal_call)
+        super().save_model(output_dir, _internal_call, *args, **kwargs)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
@@ -473,10 +545,8 @@ class FAMMixin:
                 json.dump(settings, handle, indent=2)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        """The parent trainer's model card, with the ``fam`` tag, the FAM settings and a sentence on FAM."""
-        from .model_card import create_fam_model_card
-
-        create_fam_model_card(self, *args, **kwargs)
+        """The parent trainer's model card, with the FAM settings and what FAM did (the ``fam`` tag if it trained)."""
+        create_fam_model_card(self, super().create_model_card, *args, **kwargs)
 
 
 class FAMTrainer(FAMMixin, SAMMixin, Trainer):

@@ -15,7 +15,7 @@ from tiny_models import (
     snapshot,
     updates,
 )
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from fam_hf import FAMTrainer, FAMTrainingArguments
 
@@ -381,7 +381,9 @@ def test_labels_for_positions_the_head_did_not_produce_are_refused(tmp_path):
         train_dataset=as_dataset(batch),
         data_collator=lambda ex: {**base_collate(ex), "logits_to_keep": 3},
     )
-    with pytest.raises(ValueError, match="logits_to_keep"):
+    # the model's own loss fails first (the certificate reruns it before any update); a probe that read these rows
+    # without that rerun names logits_to_keep
+    with pytest.raises(ValueError, match="logits_to_keep|Expected input batch_size"):
         trainer.train()
 
 
@@ -510,3 +512,78 @@ def test_fp16_scaler_skips_a_step_whose_loss_overflowed_but_refuses_a_penalty_th
     trainer.accelerator.scaler = None
     with pytest.raises(ValueError, match="penalty is inf"):
         trainer._fam_check_finite(inf, inf)  # no scaler: nothing would skip it
+
+
+def _resumable(tmp_path, model, **extra) -> FAMTrainer:
+    """A BERT classifier over 8 examples: 2 steps of 4, a checkpoint after each, logs every step."""
+    args = FAMTrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        save_steps=1,
+        logging_steps=1,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        fam_share=0.05,
+        fam_max_rows=None,
+        **extra,
+    )
+    data = as_dataset(batch_for(build("bert", "sequence"), size=8))
+    return FAMTrainer(model=model, args=args, train_dataset=data, data_collator=collator(torch.float64))
+
+
+@pytest.mark.parametrize(
+    "change,recalibrates",
+    [({"fam_normalize": True}, True), ({"fam_loss": "cross_entropy"}, True), ({"fam_gradient": "head"}, False)],
+    ids=["fam_normalize", "fam_loss", "fam_gradient"],
+)
+def test_resume_with_a_setting_that_rescales_kappa_recalibrates_the_lambda(change, recalibrates, tmp_path, caplog):
+    """A calibrated lambda was resolved for the old kappa's scale: fam_normalize, fam_layer and fam_loss change that
+    scale (recalibrated on the first resumed batch); fam_gradient changes only the penalty's gradient (kept)."""
+    first = _resumable(tmp_path, build("bert", "sequence"))
+    first.train()
+    resumed = _resumable(tmp_path, build("bert", "sequence"), **change)
+    with caplog.at_level(logging.INFO, logger="fam_hf.trainer"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    entry = next(e for e in resumed.state.log_history if e["step"] == 2 and "loss" in e)
+    (setting,) = change
+    if recalibrates:
+        assert entry["fam_lambda"] * entry["relative_flatness"] == pytest.approx(0.05 * entry["task_loss"], rel=1e-6)
+        assert any("recalibrat" in r.getMessage() and setting in r.getMessage() for r in caplog.records)
+    else:
+        assert entry["fam_lambda"] == resumed.fam_lambda == first.fam_lambda
+
+
+class RaiseOnFirstStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        raise RuntimeError("a callback failed on step 1")
+
+
+@pytest.mark.parametrize("loss_setting", ["compute_loss_func", "label_smoother"])
+def test_a_train_that_raises_removes_its_wrappers_and_hooks(loss_setting, tmp_path):
+    def mean_loss(outputs, labels, num_items_in_batch=None):
+        return torch.nn.functional.cross_entropy(outputs["logits"], labels)
+
+    model = build("bert", "sequence")
+    loss = {"compute_loss_func": mean_loss} if loss_setting == "compute_loss_func" else {}
+    smoothing = {"label_smoothing_factor": 0.1} if loss_setting == "label_smoother" else {}
+    failing = RaiseOnFirstStep()
+    trainer = FAMTrainer(
+        model=model,
+        args=sgd_args(tmp_path, fam_lambda=1.0, **smoothing),
+        train_dataset=as_dataset(batch_for(model)),
+        data_collator=collator(model.dtype),
+        callbacks=[failing],
+        **loss,
+    )
+    original = getattr(trainer, loss_setting)
+    assert original is not None
+    with pytest.raises(RuntimeError, match="a callback failed"):
+        trainer.train()
+    assert getattr(trainer, loss_setting) is original
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert len(model.classifier._forward_hooks) == 1 and not model.classifier._forward_pre_hooks  # the probe's
+    trainer.remove_callback(failing)
+    trainer.train()
+    assert next(e for e in trainer.state.log_history if "loss" in e)["relative_flatness"] > 0
