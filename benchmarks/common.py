@@ -1,5 +1,5 @@
 """Shared helpers of the benchmarks: threads, quiet Trainer arguments, JSON, data loading; tables and statistics
-from :mod:`fam_hf.stats` (their one home, shared with ``fam-hf compare``)."""
+from :mod:`fam_hf.tools.stats` (their one home, shared with ``fam-hf compare``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fam_hf.stats import markdown_table, mean_interval, std, t_quantile  # noqa: F401 - the benchmarks' statistics
+from fam_hf.tools.stats import markdown_table, mean_interval, std, t_quantile  # noqa: F401 - the benchmarks' statistics
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"

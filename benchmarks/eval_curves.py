@@ -3,7 +3,7 @@
 ``fam-hf compare`` reports each arm's *final* evaluation against plain training; whether a difference holds over
 training (and at plain's best step, early stopping) needs the curves. This reads every run's ``trainer_state.json``
 under ``<study>/runs/<arm>-seed<N>/``, and for each evaluation metric and step gives each arm's mean over seeds with
-its 95% t-interval, and the paired difference ``arm - plain`` over the seeds both have (:mod:`fam_hf.stats`).
+its 95% t-interval, and the paired difference ``arm - plain`` over the seeds both have (:mod:`fam_hf.tools.stats`).
 
     python benchmarks/eval_curves.py studies/lm --metrics eval_loss eval_entropy --out docs/img/lm_curves.png
 
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fam_hf.commands.compare import RUNS_NAME, read_runs  # noqa: E402
 from fam_hf.commands.compare.report import CONFIRMATION, SCREENING  # noqa: E402
-from fam_hf.stats import markdown_table, mean_interval, paired_difference  # noqa: E402
 from fam_hf.tools.plotting import _pyplot, draw_interval, load_run, save_figure  # noqa: E402
+from fam_hf.tools.stats import markdown_table, mean_interval, paired_difference  # noqa: E402
 
 ALL_STAGES = "all"
 STAGES = (SCREENING, CONFIRMATION, ALL_STAGES)

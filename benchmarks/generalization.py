@@ -451,7 +451,7 @@ def merge_runs(logs: list[list[dict]]) -> list[dict]:
 
 def paired_differences(runs: list[dict], task: str, metric: str) -> dict[str, dict[str, float]]:
     """Return per arm the mean paired difference ``arm - baseline`` of ``metric`` over shared seeds, with its 95% CI."""
-    from fam_hf.stats import paired_differences as paired
+    from fam_hf.tools.stats import paired_differences as paired
 
     by_arm: dict[str, dict[int, float]] = {}
     for run in runs:
@@ -587,7 +587,7 @@ def plot_accuracy(summaries: dict[str, list[dict]], path: Path) -> None:
 
 
 def _half_width(sd: float, n: int) -> float:
-    from fam_hf.stats import t_quantile
+    from fam_hf.tools.stats import t_quantile
 
     return t_quantile(n - 1) * sd / math.sqrt(n) if n > 1 else 0.0
 

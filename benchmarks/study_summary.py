@@ -6,8 +6,8 @@ chosen metric (final, best, calibration), and the arm's step time relative to pl
 A run's step time is its training time without the evaluations done during training:
 ``(train_runtime - sum of eval_runtime logged before it) / global_step``, from its ``trainer_state.json``; the ratio
 to plain is taken per seed (the two runs of a seed ran side by side in the same study) and averaged with its 95%
-t-interval (:mod:`fam_hf.stats`, like every interval here). It prints one markdown table per study and writes JSON.
-The screening runs by default; ``--stage confirmation`` those of ``--confirm``, on their fresh seeds.
+t-interval (:mod:`fam_hf.tools.stats`, like every interval here). It prints one markdown table per study and writes
+JSON. The screening runs by default; ``--stage confirmation`` those of ``--confirm``, on their fresh seeds.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.eval_curves import ALL_STAGES, STAGES, study_runs  # noqa: E402
 from fam_hf.commands.compare import BASELINE, RUNS_NAME, merge_runs, read_runs  # noqa: E402
 from fam_hf.commands.compare.report import SCREENING  # noqa: E402
-from fam_hf.stats import interval_text, markdown_table, mean_interval, paired_difference  # noqa: E402
+from fam_hf.tools.stats import interval_text, markdown_table, mean_interval, paired_difference  # noqa: E402
 
 DEFAULT_METRICS = ("eval_loss", "eval_best_loss", "eval_entropy", "eval_ece", "eval_top1_accuracy")
 

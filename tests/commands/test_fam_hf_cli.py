@@ -184,7 +184,7 @@ def test_plot_of_a_folder_without_a_run_says_what_to_pass(tmp_path, capsys):
 
 def test_the_console_script_runs_the_cli():
     entry_points = importlib.metadata.entry_points(group="console_scripts", name="fam-hf")
-    assert [entry.load() for entry in entry_points] == [cli.main]  # fam_hf.cli:main re-exports it, for old installs
+    assert [entry.load() for entry in entry_points] == [cli.main]
     assert 'fam-hf = "fam_hf.commands.fam_hf_cli:main"' in (Path(__file__).parents[2] / "pyproject.toml").read_text()
 
 

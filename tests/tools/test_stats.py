@@ -1,4 +1,5 @@
-"""fam_hf.stats: Student's t without scipy, mean intervals and paired differences, checked against known values."""
+"""fam_hf.tools.stats: Student's t without scipy, mean intervals and paired differences, checked against known
+values."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fam_hf import stats
+from fam_hf.tools import stats
 
 # t_{0.975, df} for df = 1..30, as printed in every statistics table (three decimals).
 T975_TABLE = [
@@ -115,7 +116,7 @@ def test_markdown_table():
 
 
 def test_the_benchmarks_use_this_module_not_a_copy():
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     sys.path.insert(0, str(root))
     try:
         import benchmarks.common as common

@@ -253,7 +253,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the parser of ``python -m fam_hf.compare`` (the same options as ``fam-hf compare``)."""
+    """Return the parser of ``python -m fam_hf.commands.compare`` (the same options as ``fam-hf compare``)."""
     parser = argparse.ArgumentParser(prog="fam-hf compare", description=DESCRIPTION)
     add_arguments(parser)
     return parser
@@ -274,5 +274,5 @@ def compare_command_parser(subparsers=None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fam_hf.commands.compare [options] -- COMMAND ...`` (also ``python -m fam_hf.compare``)."""
+    """``python -m fam_hf.commands.compare [options] -- COMMAND ...``."""
     return compare_command(build_parser().parse_args(argv))

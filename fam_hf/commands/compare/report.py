@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...stats import markdown_table, paired_difference
+from ...tools.stats import markdown_table, paired_difference
 from .arms import BASELINE
 from .store import jsonable
 
