@@ -29,8 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS_DIR, environment, markdown_table, setup_torch, write_json  # noqa: E402
 from fam_hf import FlatnessProbe  # noqa: E402
 from fam_hf.flatness import head_flatness_sum  # noqa: E402
-from fam_hf.rows import sample_rows  # noqa: E402
-from fam_hf.run import auto_max_rows  # noqa: E402
+from fam_hf.rows import auto_max_rows, sample_rows  # noqa: E402
 
 SHAPES = ((4, 128), (1, 256))
 FIXED_BUDGETS = (32, 64, 128)

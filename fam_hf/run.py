@@ -9,7 +9,6 @@ every checkpoint, whatever the backend (DDP, FSDP, DeepSpeed).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,11 +18,6 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .probe import FlatnessProbe
-
-# The automatic row budget aims the penalty at this share of a training step's compute.
-AUTO_ROWS_COST_SHARE = 0.03
-# Never estimate the penalty from fewer rows than this: below it the estimate's variance grows quickly.
-AUTO_ROWS_MINIMUM = 32
 
 
 class FAMState(TrainerCallback, ExportableState):
@@ -142,29 +136,3 @@ def record_model_loss(record: list[torch.Tensor]):
             record.append(loss.detach().clone())
 
     return hook
-
-
-def auto_max_rows(model: nn.Module, head_weight_shape: tuple[int, int]) -> AutoRows | None:
-    """Return the automatic row budget for a model's head, or ``None`` when every row is cheap enough.
-
-    A training step costs about ``6 P`` operations per row (forward and backward through ``P`` parameters); the
-    exact penalty costs about four head-sized products, ``8 m d`` per row for an ``m x d`` head. Estimating it from
-    a fraction ``f`` of the rows keeps it near :data:`AUTO_ROWS_COST_SHARE` of the step when
-    ``f * 8 m d = share * 6 P``. A classifier's head is tiny against ``P``, so ``f >= 1`` and the penalty stays
-    exact; a language model's head is a large part of ``P``, so the penalty is estimated without bias from a
-    sample of the batch's rows that grows with the batch.
-    """
-    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    width, dim = head_weight_shape
-    fraction = AUTO_ROWS_COST_SHARE * 6 * parameters / (8 * width * dim)
-    return None if fraction >= 1 else AutoRows(fraction)
-
-
-@dataclass(frozen=True)
-class AutoRows:
-    """A row budget that follows the batch: ``fraction`` of its counted rows, at least :data:`AUTO_ROWS_MINIMUM`."""
-
-    fraction: float
-
-    def __call__(self, counted: int) -> int:
-        return max(AUTO_ROWS_MINIMUM, math.ceil(self.fraction * counted))

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from tiny_models import build
 
 from fam_hf.flatness import head_flatness_sum
-from fam_hf.rows import HeadTask, sample_rows, task_kind
+from fam_hf.rows import AUTO_ROWS_MINIMUM, AutoRows, HeadTask, auto_max_rows, sample_rows, task_kind
 
 
 def _lm_rows(seed=0, rows=12, dim=5, width=7):
@@ -125,3 +126,34 @@ def test_a_problem_type_makes_an_unlisted_model_a_sequence_classifier():
     model.config = SimpleNamespace(problem_type="multi_label_classification", num_labels=2)
     task = HeadTask.from_model(model)
     assert task.kind == "sequence" and task.loss_for(None) == "bce"
+
+
+def test_auto_rows_keep_classifiers_exact_and_sample_a_wide_head():
+    classifier = build("bert", "sequence")
+    assert auto_max_rows(classifier, tuple(classifier.classifier.weight.shape)) is None
+    lm = build("llama", "causal_lm")
+    budget = auto_max_rows(lm, tuple(lm.lm_head.weight.shape))
+    assert isinstance(budget, AutoRows) and 0 < budget.fraction < 1
+    assert budget(10) == AUTO_ROWS_MINIMUM  # small batches: the minimum, so every row of them
+    assert budget(100_000) == pytest.approx(budget.fraction * 100_000, abs=1)  # the budget follows the batch
+
+
+def test_auto_rows_budget_for_a_large_vocabulary_lm_shape():
+    """SmolLM2-135M's shape (576 x 49152 tied head, 30 layers): about a tenth of the rows, at least 32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    budget = auto_max_rows(model, (49152, 576))
+    assert 0.05 < budget.fraction < 0.2
+    assert budget(512) < 512 / 3

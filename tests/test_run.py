@@ -18,7 +18,8 @@ from tiny_models import (
 from transformers import TrainerCallback
 
 from fam_hf import FAMTrainer, FAMTrainingArguments, FlatnessProbe
-from fam_hf.run import AUTO_ROWS_MINIMUM, AutoRows, FAMState, LossRecorder, auto_max_rows
+from fam_hf.rows import AUTO_ROWS_MINIMUM, AutoRows
+from fam_hf.run import FAMState, LossRecorder
 
 
 def test_model_init_trains_the_model_it_builds_with_the_exact_penalty(tmp_path):
@@ -205,37 +206,6 @@ def _train(model, batch, tmp_path, **fam):
     )
     trainer.train()
     return updates(before, model), trainer
-
-
-def test_auto_rows_keep_classifiers_exact_and_sample_a_wide_head():
-    classifier = build("bert", "sequence")
-    assert auto_max_rows(classifier, tuple(classifier.classifier.weight.shape)) is None
-    lm = build("llama", "causal_lm")
-    budget = auto_max_rows(lm, tuple(lm.lm_head.weight.shape))
-    assert isinstance(budget, AutoRows) and 0 < budget.fraction < 1
-    assert budget(10) == AUTO_ROWS_MINIMUM  # small batches: the minimum, so every row of them
-    assert budget(100_000) == pytest.approx(budget.fraction * 100_000, abs=1)  # the budget follows the batch
-
-
-def test_auto_rows_budget_for_a_large_vocabulary_lm_shape():
-    """SmolLM2-135M's shape (576 x 49152 tied head, 30 layers): about a tenth of the rows, at least 32."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(
-        "llama",
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        tie_word_embeddings=True,
-    )
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    budget = auto_max_rows(model, (49152, 576))
-    assert 0.05 < budget.fraction < 0.2
-    assert budget(512) < 512 / 3
 
 
 def test_max_rows_parses_from_the_command_line():
