@@ -1,11 +1,10 @@
 """The layout shows the architecture: the library (``fam_hf``'s own modules) imports no tool, the tools live in
-``fam_hf.commands`` and ``fam_hf.tools``, the old module paths still import, no module is too long to read, and
-``compare`` runs without torch."""
+``fam_hf.commands`` and ``fam_hf.tools``, no module is too long to read, no module imports itself through a circle,
+and ``compare`` runs without torch."""
 
 from __future__ import annotations
 
 import ast
-import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -14,22 +13,11 @@ import pytest
 from launch import child_env
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fam_hf"
-# old module path -> where it moved (each a re-exporting shim now)
-MOVED = {
-    "fam_hf.cli": "fam_hf.commands.fam_hf_cli",
-    "fam_hf.compare": "fam_hf.commands.compare",
-    "fam_hf.demo": "fam_hf.commands.demo",
-    "fam_hf.demo_lm": "fam_hf.commands.demo_lm",
-    "fam_hf.packaged": "fam_hf.tools.packaged",
-    "fam_hf.plotting": "fam_hf.tools.plotting",
-    "fam_hf.metrics": "fam_hf.tools.metrics",
-}
-TOOLS = ("commands", "tools", *(name.split(".")[1] for name in MOVED))
+TOOLS = ("commands", "tools")
 
 
 def library_modules() -> list[Path]:
-    shims = {name.split(".")[1] for name in MOVED}
-    return [path for path in sorted(PACKAGE.glob("*.py")) if path.stem not in shims]
+    return sorted(PACKAGE.glob("*.py"))
 
 
 def imported(path: Path) -> set[str]:
@@ -58,24 +46,94 @@ def test_no_module_is_over_650_lines():
     assert not long
 
 
-@pytest.mark.parametrize(("old", "new"), sorted(MOVED.items()))
-def test_the_old_module_paths_re_export_the_new(old, new):
-    old_module, new_module = importlib.import_module(old), importlib.import_module(new)
-    defined = [n for n, v in vars(new_module).items() if getattr(v, "__module__", None) == new and n[0] != "_"]
-    public = getattr(new_module, "__all__", defined)  # the functions and classes defined there, or its __all__
-    missing = [name for name in public if getattr(old_module, name, None) is not getattr(new_module, name)]
-    assert not missing and "moved" in old_module.__doc__.lower()
-    assert len(Path(old_module.__file__).read_text().splitlines()) <= 10
+# TODO(issue 22): the tools' own circles, compare's report <-> study and demo <-> demo_lm, are being broken under
+# issue 22; remove this exception then.
+KNOWN_CIRCLES = [
+    {"fam_hf.commands.compare.report", "fam_hf.commands.compare.study"},
+    {"fam_hf.commands.demo", "fam_hf.commands.demo_lm"},
+]
 
 
-def test_the_old_names_of_moved_functions_still_import():
-    from fam_hf.compare import compare_command, run
-    from fam_hf.demo import measure_saved_model
-    from fam_hf.demo_lm import HEADLINE_DATA, headline_examples
-    from fam_hf.tools import packaged
+def module_name(path: Path) -> str:
+    parts = ("fam_hf", *path.relative_to(PACKAGE).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
-    assert run is compare_command and headline_examples is packaged.headline_examples
-    assert HEADLINE_DATA == packaged.HEADLINE_DATA and measure_saved_model.__module__ == "fam_hf.commands.measure"
+
+def import_statements(tree: ast.AST):
+    """Yield ``(module, name, level)`` for each imported name, at a module's top or inside a function; the imports
+    under ``if TYPE_CHECKING:`` never run and are left out. ``name`` is ``None`` for ``import module``."""
+    nodes = [tree]
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            nodes.extend(node.orelse)
+            continue
+        if isinstance(node, ast.Import):
+            yield from ((alias.name, None, 0) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            yield from ((node.module, alias.name, node.level) for alias in node.names)
+        nodes.extend(ast.iter_child_nodes(node))
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each module of ``fam_hf`` and the modules of ``fam_hf`` it imports (``from package import module`` is an
+    import of that module; ``from package import name``, of the package's ``__init__``)."""
+    paths = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        graph[name] = set()
+        for module, imported_name, level in import_statements(ast.parse(path.read_text())):
+            base = package.rsplit(".", level - 1)[0] if level else ""
+            base = ".".join(part for part in (base, module) if part)
+            if imported_name and f"{base}.{imported_name}" in paths:
+                graph[name].add(f"{base}.{imported_name}")
+            elif base in paths:
+                graph[name].add(base)
+        graph[name].discard(name)
+    return graph
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> dict[str, str | None]:
+    """Every module ``start`` imports, directly or not, each mapped to the module that imports it on the way."""
+    parents, frontier = {start: None}, [start]
+    while frontier:
+        module = frontier.pop()
+        for imported_module in sorted(graph[module]):
+            if imported_module not in parents:
+                parents[imported_module] = module
+                frontier.append(imported_module)
+    return parents
+
+
+def circles(graph: dict[str, set[str]]) -> list[tuple[set[str], list[str]]]:
+    """Each group of modules that import each other, with one circle through it written ``[a, b, ..., a]``."""
+    reach = {module: reachable(graph, module) for module in graph}
+    found, seen = [], set()
+    for module in sorted(graph):
+        group = {other for other in reach[module] if module in reach[other]}
+        if module in seen or len(group) < 2:
+            continue
+        seen |= group
+        first = min(other for other in graph[module] if other in group)
+        path = [module]  # back from module to first, along the imports found from first
+        while path[-1] != first:
+            path.append(reach[first][path[-1]])
+        found.append((group, [module, *reversed(path[1:]), module]))
+    return found
+
+
+def test_no_module_imports_itself_through_a_circle():
+    found = [circle for group, circle in circles(import_graph()) if group not in KNOWN_CIRCLES]
+    assert not found, "import circles: " + "; ".join(" -> ".join(circle) for circle in found)
+
+
+def test_the_import_graph_sees_relative_and_function_level_imports():
+    graph = import_graph()
+    assert "fam_hf.flatness" in graph["fam_hf.probe"]  # from .flatness import ... (relative)
+    assert "fam_hf.tools.stats" in graph["fam_hf.commands.compare.report"]  # from ...tools.stats import (two up)
+    assert "fam_hf.commands.fam_hf_cli" in graph["fam_hf.commands.__main__"]
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [({"a", "b", "c"}, ["a", "b", "c", "a"])]
 
 
 def test_compare_needs_neither_torch_nor_transformers():
@@ -114,7 +172,7 @@ def test_compare_takes_its_defaults_from_the_library():
     )
 
 
-@pytest.mark.parametrize("module", ["fam_hf.cli", "fam_hf.compare", "fam_hf.commands", "fam_hf.commands.compare"])
+@pytest.mark.parametrize("module", ["fam_hf.commands", "fam_hf.commands.fam_hf_cli", "fam_hf.commands.compare"])
 def test_every_entry_module_runs(module):
     result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=child_env())
     assert result.returncode == 0 and result.stdout.startswith("usage: fam-hf"), result.stderr

@@ -1,4 +1,5 @@
-"""The model card of a FAM run: the fam tag, every fam_* setting, the resolved lambda, and the paper; offline."""
+"""The model card of a FAM run: the fam tag, every fam_* setting, the resolved lambda and share, and the paper; at
+fam_lambda=0, no tag and no claim; offline."""
 
 import fnmatch
 import os
@@ -11,31 +12,34 @@ from tiny_models import as_dataset, batch_for, build, collator
 
 from fam_hf import FAMTrainer, FAMTrainingArguments
 from fam_hf.config import FAM_FIELDS
-from fam_hf.model_card import create_fam_model_card
-from fam_hf.trainer import FAMMixin
+from fam_hf.defaults import DEFAULT_SHARE
+from fam_hf.model_card import FAM_SENTENCE, MEASURED_SENTENCE
 
 
-@pytest.fixture
-def trained(tmp_path):
-    """A FAMTrainer after one step with a calibrated lambda (fam_lambda=None), writing into tmp_path/out."""
+def _train(folder, **fam) -> FAMTrainer:
+    """A FAMTrainer after one step, writing into ``folder``."""
     model = build("bert", "sequence", dtype=torch.float32)
     args = FAMTrainingArguments(
-        output_dir=str(tmp_path / "out"),
+        output_dir=str(folder),
         per_device_train_batch_size=4,
         max_steps=1,
         use_cpu=True,
         report_to=[],
         save_strategy="no",
         disable_tqdm=True,
-        fam_share=0.01,
-        fam_gradient="weights",
-        sam_rho=0.05,
+        **fam,
     )
     trainer = FAMTrainer(
         model=model, args=args, train_dataset=as_dataset(batch_for(model, size=4)), data_collator=collator(model.dtype)
     )
     trainer.train()
     return trainer
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A FAMTrainer after one step with a calibrated lambda (fam_lambda=None), writing into tmp_path/out."""
+    return _train(tmp_path / "out", fam_share=0.01, fam_gradient="weights", sam_rho=0.05)
 
 
 def _read_card(folder) -> tuple[dict, str]:
@@ -50,7 +54,7 @@ def _hyperparameters(body: str) -> dict[str, str]:
 
 
 def test_card_carries_the_fam_settings_the_resolved_lambda_the_tag_and_the_paper(trained):
-    create_fam_model_card(trained, tags=["text-classification"])
+    trained.create_model_card(tags=["text-classification"])
     header, body = _read_card(trained.args.output_dir)
     assert {"fam", "text-classification"} <= set(header["tags"])
     listed = _hyperparameters(body)
@@ -62,11 +66,7 @@ def test_card_carries_the_fam_settings_the_resolved_lambda_the_tag_and_the_paper
     assert "https://arxiv.org/abs/2307.02337" in body and "Petzka" in body and "Relative Flatness Aware" in body
 
 
-def test_the_override_for_fam_mixin_adds_fam_without_recursing(trained, monkeypatch):
-    def create_model_card(self, *args, **kwargs):
-        create_fam_model_card(self, *args, **kwargs)
-
-    monkeypatch.setattr(FAMMixin, "create_model_card", create_model_card, raising=False)
+def test_the_override_adds_fam_to_the_parent_card_without_recursing(trained):
     trained.create_model_card(None, None, "my-tag")  # positional, as the Trainer's signature orders them
     header, body = _read_card(trained.args.output_dir)
     assert {"fam", "my-tag"} <= set(header["tags"])
@@ -93,10 +93,34 @@ def test_push_to_hub_uploads_fam_config_json_with_the_model(trained, monkeypatch
             uploads.append((kept, open(os.path.join(folder, "README.md"), encoding="utf-8").read()))
 
     monkeypatch.setattr(transformers.trainer, "hf_api", lambda: Api())
-    monkeypatch.setattr(
-        FAMMixin, "create_model_card", lambda self, *a, **k: create_fam_model_card(self, *a, **k), raising=False
-    )
     trained.push_to_hub(blocking=True)
     ((kept, readme),) = uploads
     assert "fam_config.json" in kept and "model.safetensors" in kept and "README.md" in kept
     assert "- fam\n" in readme.split("---\n", 2)[1] and "fam_lambda (resolved)" in readme
+
+
+def test_card_shows_the_share_in_use_not_none(tmp_path):
+    trainer = _train(tmp_path, fam_gradient="weights")  # fam_share unset: the default share calibrates the lambda
+    trainer.create_model_card()
+    listed = _hyperparameters(_read_card(tmp_path)[1])
+    assert trainer.args.fam_share is None and float(listed["fam_share"]) == DEFAULT_SHARE
+
+
+def test_card_at_fam_lambda_0_says_fam_only_measured_without_the_tag_or_the_claim(tmp_path):
+    trainer = _train(tmp_path, fam_lambda=0.0)
+    trainer.create_model_card(tags=["text-classification"])
+    header, body = _read_card(tmp_path)
+    assert "fam" not in header["tags"] and "text-classification" in header["tags"]
+    assert FAM_SENTENCE not in body and "trained with FAM" not in body
+    assert MEASURED_SENTENCE in body and "did not train on it" in body
+    listed = _hyperparameters(body)
+    assert listed["fam_lambda"] == "0.0" and listed["fam_lambda (resolved)"] == "0.0"
+    assert listed["fam_share"].startswith("not used")
+
+
+def test_card_at_fam_lambda_0_with_sam_says_sam_trained_it(tmp_path):
+    trainer = _train(tmp_path, fam_lambda=0.0, sam_rho=0.05)
+    trainer.create_model_card()
+    header, body = _read_card(tmp_path)
+    assert "fam" not in (header.get("tags") or []) and "trained with FAM" not in body
+    assert "trained with SAM" in body and "sam_rho=0.05" in body and MEASURED_SENTENCE in body
