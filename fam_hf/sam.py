@@ -27,21 +27,25 @@ import torch
 class SAMMixin:
     """Turns every optimizer step of a ``Trainer`` subclass into a SAM step when ``args.sam_rho > 0``."""
 
-    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch=None, *args: Any):
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch=None, *args: Any, **kwargs: Any
+    ):
         """Run the first pass on this micro-batch; on the last micro-batch of a step, run the SAM second pass."""
         rho = float(getattr(self.args, "sam_rho", 0.0) or 0.0)
         if rho <= 0:
-            return super().training_step(model, inputs, num_items_in_batch, *args)
+            return super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
         check_sam(self)
         pending = self.__dict__.setdefault("_sam_micro_batches", [])
         pending.append((dict(inputs), num_items_in_batch))
-        loss = super().training_step(model, inputs, num_items_in_batch, *args)
+        loss = super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
         if self.accelerator.sync_gradients:
             micro_batches, self._sam_micro_batches = pending, []
-            self._sam_second_pass(model, micro_batches, rho, *args)
+            self._sam_second_pass(model, micro_batches, rho, *args, **kwargs)
         return loss
 
-    def _sam_second_pass(self, model: torch.nn.Module, micro_batches: list, rho: float, *args: Any) -> None:
+    def _sam_second_pass(
+        self, model: torch.nn.Module, micro_batches: list, rho: float, *args: Any, **kwargs: Any
+    ) -> None:
         """Replace the accumulated gradients by those at ``w + rho * g / ||g||``, then move back to ``w``."""
         params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
         if not params:
@@ -53,7 +57,7 @@ class SAMMixin:
         for p in params:
             p.grad = None
         for inputs, num_items in micro_batches:
-            super().training_step(model, inputs, num_items, *args)
+            super().training_step(model, inputs, num_items, *args, **kwargs)
         with torch.no_grad():
             torch._foreach_copy_(params, weights)
 
