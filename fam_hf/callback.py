@@ -5,6 +5,12 @@ FAMTrainer adds the penalty to the loss; this callback only measures, so it fits
 the model instead: a forward pre-hook (with keyword inputs) opens a :class:`~fam_hf.FlatnessProbe` request for that
 forward pass with the batch's ``labels``, ``input_ids`` and ``shift_labels``, and a forward hook closes it.
 
+Two things the model's hooks cannot see come from the Trainer's own ``compute_loss`` and ``prediction_step``, which
+the callback wraps on the instance (:class:`_TrainerMethod`; every Trainer calls them through ``self``, whatever it
+overrides): the batch's labels, which the Trainer pops before the forward pass when it computes the loss itself (a
+label smoother, ``compute_loss_func``), and where an evaluation batch begins and ends, so that an eval-mode forward
+pass outside the Trainer's prediction steps (TRL's reference precomputation) is not taken for one.
+
 transformers hands callbacks the model (refreshed before ``on_train_begin``, so ``model_init`` is followed) but not
 the Trainer, so the callback finds the Trainer that dispatches its events (:func:`_dispatching_trainer`) to read
 whether it computes its own loss, to reduce across processes with its accelerator, and to move itself to the front
@@ -22,14 +28,17 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import find_batch_size
 
 from .certificate import check_forms, isolated_rerun, mismatch_message, model_curvature, normalization_message
+from .evaluation import first_examples, kept_examples, padded_last_batch
 from .probe import BatchFlatness, FlatnessProbe
 from .rows import CAUSAL_LM, GROUPED_KINDS, SEQUENCE, UnsupportedTaskError
 
 logger = logging.getLogger(__name__)
 
 METRIC = "relative_flatness"
+OWN_SUFFIX = "_callback"  # beside a trainer that logs the metric itself (FAMTrainer): relative_flatness_callback
 
 
 class RelativeFlatnessCallback(TrainerCallback):
@@ -38,10 +47,15 @@ class RelativeFlatnessCallback(TrainerCallback):
     - At each evaluation, ``<prefix>_relative_flatness`` (``eval_relative_flatness`` by default) over the whole
       evaluation set: the sum of the batches' flatness terms over the sum of their rows, across processes, as
       ``FAMTrainer`` reports it. It is added to the Trainer's logs (``state.log_history``, the reporters) and to
-      the dict ``evaluate()`` returns; ``predict()`` gets it in its metrics.
+      the dict ``evaluate()`` returns; ``predict()`` gets it in its metrics. Only the first forward pass of each of
+      the Trainer's prediction steps counts; under several processes, the examples the last batch repeats to even
+      out the processes do not (as ``gather_for_metrics`` drops them).
     - With ``train_every=N``, ``relative_flatness`` in the training log of every N-th optimizer step, measured on
-      the first batch of that step (a forward-hook computation without gradient); the callback asks the Trainer
-      to log at those steps.
+      the first batch of that step (a forward-hook computation without gradient; passes run without gradient
+      before it, such as TRL's KTO KL pass, are not the batch); the callback asks the Trainer to log at those steps.
+    - Where the trainer logs the key itself (``FAMTrainer``'s ``relative_flatness`` and
+      ``eval_relative_flatness``), the callback never overwrites it: it logs under the key plus ``_callback``
+      (``relative_flatness_callback``, ``eval_relative_flatness_callback``).
 
     ``head``, ``loss`` and ``normalize`` are those of :class:`~fam_hf.FlatnessProbe` (``fam_layer``, ``fam_loss``
     and ``fam_normalize`` of FAMTrainer). A model whose loss fam_hf cannot tell is refused with
@@ -87,6 +101,10 @@ class RelativeFlatnessCallback(TrainerCallback):
         self._partial_eval = False
         self._checked = False
         self._warned: set[str] = set()
+        self._popped_labels: Any = None  # the labels of the batch the Trainer's compute_loss is computing
+        self._predicting = False  # inside one of the Trainer's prediction steps
+        self._prediction_size: int | None = None  # that step's number of examples
+        self._replaying = False  # measuring the kept examples of a padded last evaluation batch again
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle the settings only: hooks, probes and the Trainer are rebuilt on the next event."""
@@ -110,9 +128,13 @@ class RelativeFlatnessCallback(TrainerCallback):
         """Watch the Trainer's current model (it changes with ``model_init``); refuse one whose loss is unknown."""
         trainer = _dispatching_trainer() or self._trainer
         if trainer is not None and trainer is not self._trainer:
+            if self._trainer is not None:
+                _TrainerMethod.release(self._trainer, self)
             self._trainer = trainer
             _move_to_front(trainer.callback_handler.callbacks, self)
             self._warn_if_own_loss(trainer)
+            for name in ("compute_loss", "prediction_step"):
+                _TrainerMethod.install(trainer, name, self)
         model = kwargs.get("model")
         if model is None and trainer is not None:
             model = trainer.model
@@ -160,14 +182,16 @@ class RelativeFlatnessCallback(TrainerCallback):
     # ---- the model's forward pass ----------------------------------------------------------------------------------
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        if self._open is not None or not self._probes:
+        if self._open is not None or not self._probes or self._replaying:
             return  # a nested forward pass (the model calling itself) belongs to the one already watched
         if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
             return  # a generation step, not a batch
         if module.training:
-            if not self._armed:
-                return
+            if not self._armed or not torch.is_grad_enabled():
+                return  # not a measured step, or a pass without gradient before the batch's own (TRL's KTO KL pass)
             self._armed = False
+        elif not self._predicting:
+            return  # an eval-mode pass outside the Trainer's prediction steps (TRL's reference precomputation)
         elif self._eval_measured:
             return  # a second pass over the same evaluation batch (a reference model through PEFT, say)
         else:
@@ -176,7 +200,9 @@ class RelativeFlatnessCallback(TrainerCallback):
         if args and "input_ids" not in inputs and isinstance(args[0], torch.Tensor):
             inputs["input_ids"] = args[0]
         labels = inputs.get("labels")
-        labels = labels if isinstance(labels, torch.Tensor) else None
+        labels = labels if isinstance(labels, torch.Tensor) else self._labels_popped_from(inputs)
+        if labels is not None:
+            inputs["labels"] = labels
         probe = self._probe_for(bool(inputs.get("fused_lm_head")))
         watch = probe.watch(inputs, labels, gradient=None, with_task=not probe.fused)
         self._open = (watch, watch.__enter__(), inputs)
@@ -210,7 +236,72 @@ class RelativeFlatnessCallback(TrainerCallback):
         if module.training:
             self._train_sums = sums
         else:
+            sums = self._kept(module, args, kwargs, inputs, sums)
             self._eval_sums = sums if self._eval_sums is None else [a + b for a, b in zip(self._eval_sums, sums)]
+
+    def _labels_popped_from(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """The batch's labels where the Trainer popped them before the forward pass (a label smoother or
+        ``compute_loss_func``: it computes the loss from the logits), if they are this forward pass's batch."""
+        labels = self._popped_labels
+        if not isinstance(labels, torch.Tensor):
+            return None
+        size = find_batch_size(inputs)
+        return labels if size is None or labels.shape[:1] == (size,) else None
+
+    def _kept(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], inputs: dict[str, Any], sums: list):
+        """This evaluation batch's sums over the examples ``gather_for_metrics`` keeps (:mod:`fam_hf.evaluation`).
+
+        On the last batch of an evaluation under several processes, which repeats examples from the start of the
+        dataset, the kept examples are measured again, alone (a process that keeps none measures its first example
+        and counts nothing, so the processes run the same forward passes).
+        """
+        accelerator = getattr(self._trainer, "accelerator", None)
+        if not padded_last_batch(accelerator):
+            return sums
+        size = find_batch_size(inputs)
+        if size != self._prediction_size:
+            self._warn_once(
+                "padded",
+                f"RelativeFlatnessCallback: the model's forward pass takes {size} rows for a prediction batch of "
+                f"{self._prediction_size} examples (a trainer that lays its examples out its own way), so the "
+                "examples that the last evaluation batch repeats to even out the processes count in "
+                "eval_relative_flatness, while gather_for_metrics drops them from the predictions and losses.",
+            )
+            return sums
+        keep = kept_examples(accelerator, size)
+        count = max(keep, 1)
+        kept_args = tuple(first_examples(dict(enumerate(args)), size, count).values())
+        kept_inputs = first_examples(inputs, size, count)
+        labels = kept_inputs.get("labels")
+        probe = self._probe_for(bool(inputs.get("fused_lm_head")))
+        self._replaying = True
+        try:
+            with torch.no_grad(), probe.watch(kept_inputs, labels, gradient=None) as seen:
+                module(*kept_args, **first_examples(kwargs, size, count))
+        finally:
+            self._replaying = False
+        flatness = seen[0].flatness
+        kept = [flatness.total.detach().double(), flatness.rows.detach().double()]
+        return kept if keep else [value * 0 for value in kept]
+
+    # ---- the Trainer's methods, seen first (:class:`_TrainerMethod`) -------------------------------------------------
+
+    def _around_compute_loss(self, compute_loss, model, inputs, *args: Any, **kwargs: Any):
+        """Keep the batch's labels while the Trainer computes its loss: it may pop them before the forward pass."""
+        previous = self._popped_labels
+        self._popped_labels = inputs.get("labels") if isinstance(inputs, dict) else None
+        try:
+            return compute_loss(model, inputs, *args, **kwargs)
+        finally:
+            self._popped_labels = previous
+
+    def _around_prediction_step(self, prediction_step, model, inputs, *args: Any, **kwargs: Any):
+        """Open one evaluation batch: the first eval-mode forward pass inside the step counts."""
+        self._predicting, self._prediction_size, self._eval_measured = True, find_batch_size(inputs), False
+        try:
+            return prediction_step(model, inputs, *args, **kwargs)
+        finally:
+            self._predicting = False
 
     # ---- Trainer events ----------------------------------------------------------------------------------------
 
@@ -219,7 +310,7 @@ class RelativeFlatnessCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs) -> None:
         self._bind(kwargs)
-        self._train_sums = None
+        self._train_sums, self._armed = None, False  # nothing left over from a run that raised
 
     def on_step_begin(self, args, state, control, **kwargs) -> None:
         every = self.train_every
@@ -238,7 +329,6 @@ class RelativeFlatnessCallback(TrainerCallback):
     def on_prediction_step(self, args, state, control, **kwargs) -> None:
         if not self._probes:
             self._bind(kwargs, during_evaluation=True)
-        self._eval_measured = False
 
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
         """Add the metric to the logs before the reporters see them, and to the entry ``log_history`` just got."""
@@ -246,10 +336,10 @@ class RelativeFlatnessCallback(TrainerCallback):
             return
         added: dict[str, float] = {}
         if self._eval_sums is not None:
-            added[f"{_prefix(logs)}_{METRIC}"] = self._reduce(self._take_eval())
+            added[_own_key(logs, f"{_prefix(logs)}_{METRIC}")] = self._reduce(self._take_eval())
         elif self._train_sums is not None and "loss" in logs:
             sums, self._train_sums = self._train_sums, None
-            added[METRIC] = self._reduce(sums)
+            added[_own_key(logs, METRIC)] = self._reduce(sums)
         added = {k: v for k, v in added.items() if not math.isnan(v)}
         if not added:
             return
@@ -261,11 +351,11 @@ class RelativeFlatnessCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs) -> None:
         """A trainer whose ``evaluate`` did not log: put the metric in the returned metrics all the same."""
         if self._eval_sums is not None and metrics is not None:
-            metrics[f"{_prefix(metrics)}_{METRIC}"] = self._reduce(self._take_eval())
+            metrics[_own_key(metrics, f"{_prefix(metrics)}_{METRIC}")] = self._reduce(self._take_eval())
 
     def on_predict(self, args, state, control, metrics=None, **kwargs) -> None:
         if self._eval_sums is not None and metrics is not None:
-            metrics[f"{_prefix(metrics, 'test')}_{METRIC}"] = self._reduce(self._take_eval())
+            metrics[_own_key(metrics, f"{_prefix(metrics, 'test')}_{METRIC}")] = self._reduce(self._take_eval())
 
     # ---- helpers ---------------------------------------------------------------------------------------------------
 
@@ -360,6 +450,53 @@ class _ModelHook:
         return {"callback": None, "method": self.method}
 
 
+class _TrainerMethod:
+    """A Trainer method that calls back into its callback around each call: an instance attribute shadowing it.
+
+    A callback sees neither the batch nor where a prediction step begins and ends, and the model's hooks see only
+    what reaches the model, without the labels the Trainer pops to compute the loss itself. Every Trainer, TRL's
+    included, calls ``self.compute_loss`` and ``self.prediction_step``, so an attribute of the instance sees each of
+    those calls whatever the subclass overrides, and nothing about the Trainer's own code is assumed. Like
+    :class:`_ModelHook`, it drops the callback when pickled or copied (it then passes calls through), and the
+    callback takes it over again when it next binds to the Trainer.
+    """
+
+    def __init__(self, callback: RelativeFlatnessCallback | None, trainer: Trainer, name: str) -> None:
+        self.callback = callback
+        self.trainer = trainer
+        self.name = name
+        self.inner = trainer.__dict__.get(name)  # an attribute set on the instance before (another wrapper), or None
+
+    @classmethod
+    def install(cls, trainer: Trainer, name: str, callback: RelativeFlatnessCallback) -> None:
+        """Put ``callback`` around ``trainer.<name>``, taking over a wrapper left without its callback."""
+        wrapper = trainer.__dict__.get(name)
+        while isinstance(wrapper, cls):
+            if wrapper.callback is callback or wrapper.callback is None:
+                wrapper.callback = callback
+                return
+            wrapper = wrapper.inner
+        setattr(trainer, name, cls(callback, trainer, name))
+
+    @classmethod
+    def release(cls, trainer: Trainer, callback: RelativeFlatnessCallback) -> None:
+        """Leave ``trainer``'s wrappers of ``callback`` passing calls through (it binds to another Trainer)."""
+        for wrapper in trainer.__dict__.values():
+            while isinstance(wrapper, cls):
+                if wrapper.callback is callback:
+                    wrapper.callback = None
+                wrapper = wrapper.inner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        inner = self.inner if self.inner is not None else getattr(type(self.trainer), self.name).__get__(self.trainer)
+        if self.callback is None:
+            return inner(*args, **kwargs)
+        return getattr(self.callback, f"_around_{self.name}")(inner, *args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "callback": None}
+
+
 def _rows_in_words(batch: BatchFlatness) -> str:
     if batch.kind in GROUPED_KINDS:
         return "each example's " + ("positions" if batch.kind == "question_answering" else "choices")
@@ -367,6 +504,11 @@ def _rows_in_words(batch: BatchFlatness) -> str:
         CAUSAL_LM: "the next-token rows (every position, without labels)",
         SEQUENCE: "one row per example",
     }.get(batch.kind, "the rows the labels select (every row, without labels)")
+
+
+def _own_key(metrics: dict[str, Any], key: str) -> str:
+    """``key``, or ``key + OWN_SUFFIX`` where the trainer put ``key`` there itself (FAMTrainer's): never overwrite."""
+    return key if key not in metrics else key + OWN_SUFFIX
 
 
 def _prefix(metrics: dict[str, Any], default: str = "eval") -> str:

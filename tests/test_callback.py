@@ -263,3 +263,144 @@ def test_dpo_trainer_logs_eval_relative_flatness_and_says_whose_loss_it_is(tmp_p
     assert (
         len(warnings) == 1 and "DPOTrainer" in warnings[0] and "not of the loss this trainer optimizes" in warnings[0]
     )
+
+
+def _smoothed_or_own_loss(setting: str) -> dict:
+    """Trainer settings under which the Trainer pops ``labels`` before the forward pass and computes the loss."""
+    if setting == "label_smoothing":
+        return {"args": {"label_smoothing_factor": 0.1}}
+
+    def shifted_cross_entropy(outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"][:, :-1].reshape(-1, outputs["logits"].shape[-1])
+        return torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1))
+
+    return {"compute_loss_func": shifted_cross_entropy}
+
+
+@pytest.mark.parametrize("setting", ["label_smoothing", "compute_loss_func"])
+def test_labels_the_trainer_pops_still_select_the_measured_rows(setting, tmp_path):
+    """The Trainer pops labels before the forward pass; the callback measures the rows they select, not every
+    position (the -100 ones included)."""
+    model = build("llama", "causal_lm", dtype=torch.float32)
+    batch = batch_for(model, size=8)
+    settings = _smoothed_or_own_loss(setting)
+    args = _args(tmp_path, max_steps=1, learning_rate=0.0, per_device_train_batch_size=8, **settings.pop("args", {}))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=as_dataset(batch),
+        eval_dataset=as_dataset(batch),
+        data_collator=collator(model.dtype),
+        callbacks=[RelativeFlatnessCallback(train_every=1)],
+        **settings,
+    )
+    expected = _expected(copy.deepcopy(model), batch)  # the copy's hooks are inert
+    trainer.train()
+    entry = next(e for e in trainer.state.log_history if "relative_flatness" in e)
+    assert entry["relative_flatness"] == pytest.approx(expected, rel=1e-6)
+    assert trainer.evaluate()["eval_relative_flatness"] == pytest.approx(expected, rel=1e-6)
+
+
+class EvalModeForward(TrainerCallback):
+    """Runs the model in eval mode between training steps, as TRL's reference precomputation does."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        stray_eval_forward(model, self.batch)
+
+
+def stray_eval_forward(model, batch):
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+    model.train()
+
+
+def test_an_eval_mode_forward_outside_evaluation_is_not_an_evaluation_batch(tmp_path):
+    model = build("bert", "sequence", dtype=torch.float32)
+    batch = batch_for(model, size=10)
+    stray = batch_for(model, size=4, seed=5)
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, max_steps=2, logging_steps=1, learning_rate=0.0),
+        train_dataset=as_dataset(batch),
+        eval_dataset=as_dataset(batch),
+        data_collator=collator(model.dtype),
+        callbacks=[RelativeFlatnessCallback(), EvalModeForward(stray)],
+    )
+    trainer.train()
+    assert not any("eval_relative_flatness" in e for e in trainer.state.log_history)
+    stray_eval_forward(model, stray)
+    assert trainer.evaluate()["eval_relative_flatness"] == pytest.approx(_expected(model, batch), rel=1e-6)
+
+
+def test_a_training_forward_without_gradient_is_not_the_measured_batch(tmp_path):
+    """TRL's KTO runs a no-grad forward on mismatched completions before the batch's own (its KL term)."""
+    model = build("bert", "sequence", dtype=torch.float32)
+    batch = batch_for(model, size=4)
+    other = batch_for(model, size=4, seed=5)
+
+    class KLFirst(Trainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            with torch.no_grad():
+                model(**other)
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    trainer = KLFirst(
+        model=model,
+        args=_args(tmp_path, max_steps=1, learning_rate=0.0),
+        train_dataset=as_dataset(batch),
+        data_collator=collator(model.dtype),
+        callbacks=[RelativeFlatnessCallback(train_every=1)],
+    )
+    trainer.train()
+    entry = next(e for e in trainer.state.log_history if "relative_flatness" in e)
+    assert entry["relative_flatness"] == pytest.approx(_expected(model, batch), rel=1e-6)
+
+
+def test_beside_fam_trainer_it_logs_under_its_own_key_and_keeps_fams(tmp_path):
+    """FAMTrainer logs relative_flatness (normalized here) and eval_relative_flatness; the callback (not normalized)
+    adds relative_flatness_callback and eval_relative_flatness_callback instead of overwriting them."""
+    from fam_hf import FAMTrainer, FAMTrainingArguments
+
+    def run(callbacks):
+        model = build("bert", "sequence", dtype=torch.float32)
+        batch = batch_for(model, size=8)
+        settings = {k: v for k, v in _args(tmp_path).to_dict().items() if k in ("use_cpu", "seed", "disable_tqdm")}
+        args = FAMTrainingArguments(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            max_steps=2,
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            fam_lambda=0.5,
+            fam_normalize=True,
+            **settings,
+        )
+        trainer = FAMTrainer(
+            model=model,
+            args=args,
+            train_dataset=as_dataset(batch),
+            eval_dataset=as_dataset(batch),
+            data_collator=collator(model.dtype),
+            callbacks=callbacks,
+        )
+        trainer.train()
+        return trainer, trainer.evaluate()
+
+    alone, alone_metrics = run([])
+    both, both_metrics = run([RelativeFlatnessCallback(train_every=1)])
+    fam_logs = [e for e in alone.state.log_history if "loss" in e]
+    logs = [e for e in both.state.log_history if "loss" in e]
+    assert [e["step"] for e in logs] == [1, 2]
+    for fam_only, entry in zip(fam_logs, logs, strict=True):
+        assert entry["relative_flatness"] == fam_only["relative_flatness"]
+        assert entry["relative_flatness_callback"] > entry["relative_flatness"]
+    assert both_metrics["eval_relative_flatness"] == alone_metrics["eval_relative_flatness"]
+    width = both.model.classifier.in_features  # fam_normalize divides by it, the callback does not
+    assert both_metrics["eval_relative_flatness_callback"] == pytest.approx(
+        width * alone_metrics["eval_relative_flatness"], rel=1e-6
+    )
