@@ -1,4 +1,5 @@
-"""Two processes (torchrun, gloo on CPU) give the same parameters as one process on the same global batch.
+"""Two processes (torchrun, gloo on CPU) give the same parameters as one process on the same global batch, and the
+same evaluation metrics.
 
 Each process trains on 4 of the 8 examples. The causal LM runs twice: once with equal token counts per process (the
 case where a normalization read off the loss cannot tell a per-process mean from a global one) and once unequal.
@@ -7,6 +8,7 @@ case where a normalization read off the loss cannot tell a per-process mean from
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from launch import needs_torch_distributed, python, run, torchrun
 
@@ -49,3 +51,21 @@ def test_a_per_micro_batch_mean_loss_func_with_accumulation_on_two_processes_mat
         torch.testing.assert_close(
             two["loss_func_mean"][name], value, rtol=0, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}"
         )
+
+
+EVAL_SCRIPT = Path(__file__).parent / "scripts" / "eval_processes.py"
+
+
+@needs_torch_distributed
+def test_evaluation_on_two_processes_drops_the_last_batch_padding(tmp_path):
+    """5 examples, 2 per process: the second round's 4 places hold example 4 and 3 repeated from the start, which
+    gather_for_metrics drops from the predictions and the losses; FAMTrainer's and the callback's
+    eval_relative_flatness drop them too. (eval_loss itself is not compared: the Trainer averages each batch's
+    mean loss, duplicates included, and scales it by the number of processes where the model ignores
+    num_items_in_batch.)"""
+    run(python(EVAL_SCRIPT, "--out", tmp_path / "one.pt"), cwd=tmp_path)
+    run(torchrun(EVAL_SCRIPT, "--out", tmp_path / "two.pt"), cwd=tmp_path)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    for case in ("classifier_fam", "classifier_callback", "causal_lm_fam", "causal_lm_callback"):
+        assert two[case]["eval_relative_flatness"] == pytest.approx(one[case]["eval_relative_flatness"], rel=1e-9), case
