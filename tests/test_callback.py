@@ -404,3 +404,29 @@ def test_beside_fam_trainer_it_logs_under_its_own_key_and_keeps_fams(tmp_path):
     assert both_metrics["eval_relative_flatness_callback"] == pytest.approx(
         width * alone_metrics["eval_relative_flatness"], rel=1e-6
     )
+
+
+def test_after_a_train_that_raised_inside_the_loss_the_next_run_is_measured_as_usual(tmp_path):
+    model = build("llama", "causal_lm", dtype=torch.float32)
+    batch = batch_for(model, size=8)
+    calls = []
+
+    def fails_once(outputs, labels, num_items_in_batch=None):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the loss failed")
+        return _smoothed_or_own_loss("compute_loss_func")["compute_loss_func"](outputs, labels)
+
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, max_steps=1, learning_rate=0.0, per_device_train_batch_size=8),
+        train_dataset=as_dataset(batch),
+        data_collator=collator(model.dtype),
+        compute_loss_func=fails_once,
+        callbacks=[RelativeFlatnessCallback(train_every=1)],
+    )
+    with pytest.raises(RuntimeError, match="the loss failed"):
+        trainer.train()
+    trainer.train()
+    entry = next(e for e in trainer.state.log_history if "relative_flatness" in e)
+    assert entry["relative_flatness"] == pytest.approx(_expected(copy.deepcopy(model), batch), rel=1e-6)
