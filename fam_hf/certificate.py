@@ -129,7 +129,10 @@ def hessian_vector_product(loss_of: Callable[[torch.Tensor], torch.Tensor], poin
                 return (torch.zeros_like(point) if product is None else product.detach()), dtype
         except RuntimeError:
             pass
-    return _difference_product(loss_of, point, direction, dtype), dtype
+    # a difference is as precise as float32 at best: the step balances truncation against float32 rounding (a fused
+    # kernel may compute in float32 inside a loss it returns in float64)
+    coarse = max(dtype, torch.float32, key=lambda d: torch.finfo(d).eps)
+    return _difference_product(loss_of, point, direction, coarse), coarse
 
 
 def _difference_product(loss_of, point: torch.Tensor, direction: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

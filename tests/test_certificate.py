@@ -253,3 +253,135 @@ def test_trl_fused_head_on_a_scaled_family_is_certified_and_an_unknown_scale_ref
     monkeypatch.setattr("fam_hf.rows.documented_logit_scale", lambda config: None)
     with pytest.raises(LossMismatchError, match="SFTTrainer.compute_loss returned matches none"):
         train()
+
+
+class LossScorer(nn.Module):
+    """A model fam_hf has never heard of, whose loss on the head's logits is ``loss_fn(logits, labels, model)``."""
+
+    def __init__(self, loss_fn) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 3)
+        self.loss_fn = loss_fn
+
+    def forward(self, input_ids, labels=None):
+        logits = self.head(torch.tanh(self.body(input_ids)))
+        loss = None if labels is None else self.loss_fn(logits, labels, self)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def _smoothed_with_a_head_independent_term(logits, labels, model):
+    return nn.functional.cross_entropy(logits, labels, label_smoothing=0.1) + 0.3 * model.body.weight.square().sum()
+
+
+def _soft_targets(logits, labels, model):
+    targets = torch.full_like(logits, 0.1).scatter(1, labels[:, None], 0.8)
+    return nn.functional.cross_entropy(logits, targets)
+
+
+@pytest.mark.parametrize("loss_fn", [_smoothed_with_a_head_independent_term, _soft_targets])
+def test_losses_with_the_same_curvature_in_the_head_output_are_certified_and_exact(loss_fn, tmp_path):
+    """Label smoothing, soft targets and a term that does not depend on the head change the loss, not its Hessian in
+    the head's output: the penalty is the model's own relative flatness, checked against the brute force."""
+    model = LossScorer(loss_fn).double()
+    batch = _scorer_batch()
+    expected = _model_loss_update(model, batch, LAMBDA)
+    plain = _model_loss_update(model, batch, 0.0)
+    actual, _ = _step(
+        model, batch, tmp_path, fam_lambda=LAMBDA, fam_gradient="full", fam_layer="head", fam_loss="cross_entropy"
+    )
+    assert_updates_close(actual, expected, rtol=1e-9)
+    assert max(float((expected[n] - plain[n]).abs().max()) for n in expected) > 1e-3, "penalty too small to test"
+
+
+def _z_loss(logits, labels, model):
+    return nn.functional.cross_entropy(logits, labels) + 0.1 * torch.logsumexp(logits, -1).square().mean()
+
+
+def _per_example_weights(logits, labels, model):
+    weights = torch.linspace(0.5, 1.5, logits.shape[0], dtype=logits.dtype)
+    return (weights * nn.functional.cross_entropy(logits, labels, reduction="none")).mean()
+
+
+def _capped_at_three(logits, labels, model):
+    return nn.functional.cross_entropy(3.0 * torch.tanh(logits / 3.0), labels)
+
+
+@pytest.mark.parametrize("loss_fn", [_z_loss, _per_example_weights, _capped_at_three])
+def test_losses_whose_curvature_fam_hf_cannot_compute_are_refused_before_any_update(loss_fn, tmp_path):
+    model = LossScorer(loss_fn).double()
+    before = snapshot(model)
+    with pytest.raises(LossMismatchError, match="matches none of the forms"):
+        _step(model, _scorer_batch(), tmp_path, fam_lambda=LAMBDA, fam_layer="head", fam_loss="cross_entropy")
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+class _ComputeLossFuncModel(nn.Module):
+    """The loss ``compute_loss_func`` computes from a model's outputs, as a model: the brute force's yardstick."""
+
+    def __init__(self, model, loss_func) -> None:
+        super().__init__()
+        self.model, self.loss_func = model, loss_func
+
+    def forward(self, labels=None, **inputs):
+        outputs = self.model(**inputs)
+        outputs.loss = self.loss_func(outputs, labels)
+        return outputs
+
+    def get_output_embeddings(self):
+        return self.model.classifier
+
+
+def test_label_smoothing_through_compute_loss_func_is_certified_and_exact(tmp_path):
+    def smoothed(outputs, labels, num_items_in_batch=None):
+        return nn.functional.cross_entropy(outputs.logits, labels, label_smoothing=0.1)
+
+    model = build("bert", "sequence")
+    batch = batch_for(model)
+    wrapped = _ComputeLossFuncModel(model, smoothed)
+    expected = {n.removeprefix("model."): v for n, v in _model_loss_update(wrapped, batch, LAMBDA).items()}
+    before = snapshot(model)
+    trainer = FAMTrainer(
+        model=model,
+        args=sgd_args(tmp_path, fam_lambda=LAMBDA, fam_gradient="full"),
+        train_dataset=as_dataset(batch),
+        data_collator=collator(model.dtype),
+        compute_loss_func=smoothed,
+    )
+    trainer.train()
+    assert_updates_close(updates(before, model), expected, rtol=1e-9)
+
+
+def test_fused_sft_penalty_scale_leaves_out_the_router_loss(tmp_path):
+    """TRL adds an MoE model's router loss to its loss: the penalty's scale is that of the per-token terms alone, so
+    the logged relative flatness is the same with the router loss on and off."""
+    pytest.importorskip("trl")
+    from tiny_models import DECODER, tiny_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fam_hf.sft import FAMSFTConfig, FAMSFTTrainer
+
+    input_ids = torch.randint(3, 40, (8, 6), generator=torch.Generator().manual_seed(0))
+    logged = {}
+    for coefficient in (0.0, 0.5):
+        torch.manual_seed(0)
+        config = AutoConfig.for_model(
+            "mixtral", **DECODER, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0
+        )
+        model = AutoModelForCausalLM.from_config(config, experts_implementation="eager").double()
+        args = sgd_args(
+            tmp_path / str(coefficient), args_class=FAMSFTConfig, bf16=False, fam_lambda=LAMBDA,
+            router_aux_loss_coef=coefficient,
+        )
+        trainer = FAMSFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_dict({"input_ids": input_ids.tolist()}),
+            processing_class=tiny_tokenizer(),
+        )
+        assert trainer.aux_loss_enabled == (coefficient > 0)
+        trainer.train()
+        logged[coefficient] = next(e for e in trainer.state.log_history if "relative_flatness" in e)
+    assert logged[0.5]["loss"] != pytest.approx(logged[0.0]["loss"], rel=1e-6), "the router loss is not on"
+    assert logged[0.5]["relative_flatness"] == pytest.approx(logged[0.0]["relative_flatness"], rel=1e-9)
