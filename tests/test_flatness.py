@@ -272,3 +272,46 @@ def test_wide_head_in_chunks_gives_each_modes_brute_force_gradient(gradient, mon
     _assert_rel(flat.total / flat.rows, brute)
     for actual, wanted in zip(_grads(flat.total / flat.rows, inputs), _grads(brute, inputs)):
         _assert_rel(actual, wanted)
+
+
+def test_one_rows_cross_entropy_flatness_is_the_variance_of_the_head_rows_under_its_prediction():
+    """docs/evidence.md: the Hessian of one row's cross-entropy in the head's weight is ``(diag(p) - p p^T) kron phi
+    phi^T`` (label smoothing included), so the row's relative flatness is ``||phi||^2 (sum_s p_s ||w_s||^2 -
+    ||sum_s p_s w_s||^2)``; confident predictions drive it to 0, below ``(1 - p_max) ||phi||^2 max_s ||w_s -
+    w_top||^2``."""
+    generator = torch.Generator().manual_seed(22)
+    f64 = dict(generator=generator, dtype=torch.float64)
+    weight = torch.randn(WIDTH, DIM, **f64)
+    label = torch.tensor([1])
+    near_one_hot = torch.zeros(WIDTH, dtype=torch.float64).index_fill(0, torch.tensor(2), 12.0)  # p_2 ~ 1 - 2e-5
+    rows = [(torch.randn(DIM, **f64), torch.randn(WIDTH, **f64)) for _ in range(4)]
+    for features, bias in [*rows, (rows[0][0], near_one_hot)]:
+        logits = weight @ features + bias
+        p = torch.softmax(logits, -1)
+        kron = torch.kron(torch.diag(p) - torch.outer(p, p), torch.outer(features, features))
+        for smoothing in (0.0, 0.1):
+            row_loss = lambda w: F.cross_entropy((w @ features + bias)[None], label, label_smoothing=smoothing)  # noqa: B023
+            brute = torch.func.hessian(row_loss)(weight)  # (m, d, m, d): d^2 loss / dW_sj dW_tk
+            _assert_rel(brute.reshape(WIDTH * DIM, WIDTH * DIM), kron, tol=1e-10)
+        traces = torch.einsum("sjtj->st", brute)  # Tr(H_{s,t}), the trace of each d x d block
+        from_hessian = (weight @ weight.T * traces).sum()  # sum_{s,t} <w_s, w_t> Tr(H_{s,t})
+        mean_row = p @ weight
+        variance = features.dot(features) * (p @ weight.pow(2).sum(-1) - mean_row.dot(mean_row))
+        centred = features.dot(features) * (p @ (weight - mean_row).pow(2).sum(-1))
+        _assert_rel(from_hessian, variance, tol=1e-9)
+        _assert_rel(relative_flatness(weight, features[None], logits[None], label), centred, tol=1e-9)
+
+    # Sharper predictions of the same head and features: the logits scaled up, toward a one-hot p.
+    features = rows[1][0]
+    logits = weight @ features
+    top = int(logits.argmax())
+    spread = features.dot(features) * (weight - weight[top]).pow(2).sum(-1).max()
+    values, bounds = [], []
+    for scale in (1.0, 4.0, 16.0, 64.0, 256.0):
+        value = relative_flatness(weight, features[None], scale * logits[None], label)
+        others = torch.softmax(scale * logits, -1).index_fill(0, torch.tensor(top), 0.0).sum()  # 1 - p_max, exact
+        bounds.append(float(others * spread))
+        values.append(float(value))
+        assert 0 <= values[-1] <= bounds[-1] * (1 + 1e-9)
+    assert values == sorted(values, reverse=True) and bounds == sorted(bounds, reverse=True)
+    assert values[-1] < 1e-12 * values[0]
