@@ -9,12 +9,15 @@ from .measure import FlatnessReport, measure_relative_flatness
 from .probe import FlatnessProbe
 from .run import FAMState
 from .sam import SAMMixin
+from .seq2seq import FAMSeq2SeqTrainer, FAMSeq2SeqTrainingArguments
 from .trainer import FAMMixin, FAMTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FAMMixin",
+    "FAMSeq2SeqTrainer",
+    "FAMSeq2SeqTrainingArguments",
     "FAMState",
     "FAMTrainer",
     "FAMTrainingArguments",

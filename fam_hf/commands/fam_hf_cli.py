@@ -1,10 +1,12 @@
-"""The ``fam-hf`` command: ``demo`` (FAM against plain finetuning on real data), ``measure``, ``plot``, ``compare``.
+"""The ``fam-hf`` command: ``demo`` (FAM against plain finetuning on real data), ``measure``, ``plot``, ``compare``,
+``launch``.
 
 fam-hf demo                                  # offline: MiniLM on BBC News, with and without FAM
 fam-hf demo --task causal-lm                 # offline: SmolLM2 + LoRA writes BBC headlines, with and without FAM
 fam-hf measure --model fam_demo/fam --data bbc-news --max_samples 500
 fam-hf plot fam_demo/no_fam fam_demo/fam --output runs.png
 fam-hf compare --arms plain fam sam --seeds 5 -- python my_train.py --output_dir x   # does FAM help my task?
+fam-hf launch run_glue.py --model_name_or_path ... --fam_share 0.001   # FAM in a script nobody edited
 
 Each command is a module of :mod:`fam_hf.commands` with its ``<name>_command_parser(subparsers)`` and
 ``<name>_command(args)``; this one only assembles them.
@@ -19,10 +21,17 @@ from contextlib import contextmanager
 from ..tools.packaged import LoadError
 from .compare import compare_command_parser
 from .demo import demo_command_parser
+from .launch import launch_command_parser
 from .measure import measure_command_parser
 from .plot import plot_command_parser
 
-COMMANDS = (demo_command_parser, measure_command_parser, plot_command_parser, compare_command_parser)
+COMMANDS = (
+    demo_command_parser,
+    measure_command_parser,
+    plot_command_parser,
+    compare_command_parser,
+    launch_command_parser,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if not getattr(args, "quiet", True):  # fam-hf launch: the script's own logging stays as it is
+            return args.run(args)
         with _quiet_transformers():
             return args.run(args)
     except LoadError as error:
@@ -45,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fam-hf", description="Relative Flatness Aware Minimization for transformers."
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="{demo,measure,plot,compare}")
+    subparsers = parser.add_subparsers(dest="command", metavar="{demo,measure,plot,compare,launch}")
     for command_parser in COMMANDS:
         command_parser(subparsers)
     return parser
