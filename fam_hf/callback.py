@@ -400,7 +400,7 @@ class RelativeFlatnessCallback(TrainerCallback):
             return output.get("loss") if isinstance(output, dict) else output.loss
 
         device = next((p.device for p in module.parameters()), None)
-        curvature = model_curvature(run_loss, probe.replacing_output, lambda: isolated_rerun(module, device), False)
+        curvature = model_curvature(run_loss, probe.replacing_output, lambda: isolated_rerun(module, device))
         if curvature is None:
             return False, batch
         checks = check_forms(curvature, probe.task.forms(module, probe.head_name), inputs, inputs.get("labels"))

@@ -44,6 +44,8 @@ WAYS_OUT = (
 # The probe point ``c * z`` is scaled so that its largest logit has this size: a soft cap (Gemma-2 uses 30,
 # RecurrentGemma 30, xLSTM 15) bends the logits visibly there.
 PROBE_LOGIT_SIZE = 45.0
+# The tolerance of a curvature obtained by central differences of the gradient.
+DIFFERENCE_TOLERANCE = 1e-2
 # The random offset's scale, in units of the logits' own spread (at least 1).
 PROBE_OFFSET_SIZE = 3.0
 
@@ -74,10 +76,14 @@ class Curvature:
     directions: list[torch.Tensor]
     products: list[torch.Tensor]
     dtype: torch.dtype  # the precision the model's loss was computed in
+    to_logits: Callable[[torch.Tensor], torch.Tensor] | None = None  # a fused head's map from its hidden state
+    differenced: bool = False  # whether a product was a central difference (a loss without a second derivative)
 
     @property
     def tolerance(self) -> float:
-        return curvature_tolerance(self.dtype)
+        """:func:`curvature_tolerance`; 1e-2 for central differences, whose truncation and rounding errors are
+        each about 1e-4 of the gradient but may be a larger share of a small curvature."""
+        return max(curvature_tolerance(self.dtype), DIFFERENCE_TOLERANCE if self.differenced else 0.0)
 
 
 @dataclass
@@ -114,8 +120,8 @@ def probe_points(z0: torch.Tensor, seed: int = 0) -> list[tuple[torch.Tensor, to
 
 
 def hessian_vector_product(loss_of: Callable[[torch.Tensor], torch.Tensor], point: torch.Tensor, direction: torch.Tensor):
-    """Return ``(H v, loss dtype)`` for ``loss_of`` at ``point``: by double backward, or by central differences of
-    the gradient where the loss has no second derivative (a fused kernel's backward)."""
+    """Return ``(H v, loss dtype, differenced)`` for ``loss_of`` at ``point``: by double backward, or by central
+    differences of the gradient where the loss has no second derivative (a fused kernel's backward)."""
     with torch.enable_grad():
         z = point.detach().clone().requires_grad_(True)
         loss = loss_of(z)
@@ -123,16 +129,16 @@ def hessian_vector_product(loss_of: Callable[[torch.Tensor], torch.Tensor], poin
         try:
             (grad,) = torch.autograd.grad(loss, z, create_graph=True, allow_unused=True)
             if grad is None:
-                return torch.zeros_like(point), dtype  # the loss does not read the head's output
+                return torch.zeros_like(point), dtype, False  # the loss does not read the head's output
             if grad.requires_grad:
                 (product,) = torch.autograd.grad(grad, z, direction, allow_unused=True)
-                return (torch.zeros_like(point) if product is None else product.detach()), dtype
+                return (torch.zeros_like(point) if product is None else product.detach()), dtype, False
         except RuntimeError:
             pass
     # a difference is as precise as float32 at best: the step balances truncation against float32 rounding (a fused
     # kernel may compute in float32 inside a loss it returns in float64)
     coarse = max(dtype, torch.float32, key=lambda d: torch.finfo(d).eps)
-    return _difference_product(loss_of, point, direction, coarse), coarse
+    return _difference_product(loss_of, point, direction, coarse), coarse, True
 
 
 def _difference_product(loss_of, point: torch.Tensor, direction: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -154,19 +160,24 @@ def model_curvature(
     run_loss: Callable[[], torch.Tensor],
     replacing: Callable[[Callable[[torch.Tensor], torch.Tensor]], contextlib.AbstractContextManager],
     guard: Callable[[], contextlib.AbstractContextManager],
-    fused: bool,
+    fused_logits: Callable[[], Callable[[torch.Tensor], torch.Tensor]] | None = None,
     seed: int = 0,
 ) -> Curvature | None:
     """Rerun the model's loss as a function of the watched output and return its curvature at the probe points.
 
     ``run_loss()`` computes the loss once (a forward pass); ``replacing(fn)`` makes the watched layer's output
     ``fn(output)`` within a block (:meth:`fam_hf.FlatnessProbe.replacing_output`); ``guard()`` keeps the rerun from
-    touching the run (random streams, buffers, metrics). ``None`` if the watched layer did not run.
+    touching the run (random streams, buffers, metrics). ``fused_logits`` is given for a fused head, whose watched
+    output is the hidden state: it returns the map to the logits, read while the forward pass runs (a sharded head
+    is whole then). ``None`` if the watched layer did not run.
     """
-    captured: dict[str, torch.Tensor] = {}
+    captured: dict[str, Any] = {}
+    fused = fused_logits is not None
 
     def capture(output: torch.Tensor) -> torch.Tensor:
         captured["z0"] = output.detach()
+        if fused:
+            captured["to_logits"] = fused_logits()
         return output
 
     with guard(), torch.no_grad(), replacing(capture):
@@ -174,25 +185,29 @@ def model_curvature(
     if "z0" not in captured:
         return None
     z0 = captured["z0"]
-    # a fused head multiplies the hidden state by its weight: the rerun keeps that weight's dtype
-    dtype = z0.dtype if fused and z0.dtype != torch.float64 else torch.float64
-    if fused and dtype in (torch.float16, torch.bfloat16):
-        dtype = torch.float32
 
     def loss_of(z: torch.Tensor) -> torch.Tensor:
         with guard(), torch.no_grad(), replacing(lambda output: z), keep_float64():
             return run_loss()
 
-    points, directions, products, dtypes = [], [], [], []
-    for point, direction in probe_points(z0.to(torch.float64), seed):
+    probes = probe_points(z0.to(torch.float64), seed)
+    dtype = torch.float64
+    try:
+        with torch.no_grad():
+            loss_of(probes[0][0])
+    except RuntimeError:  # a fused head that multiplies its weight in the weight's own dtype: rerun in that one
+        dtype = z0.dtype if z0.dtype in (torch.float32, torch.float64) else torch.float32
+    points, directions, products, dtypes, differenced = [], [], [], [], False
+    for point, direction in probes:
         point, direction = point.to(dtype), direction.to(dtype)
-        product, loss_dtype = hessian_vector_product(loss_of, point, direction)
+        product, loss_dtype, by_difference = hessian_vector_product(loss_of, point, direction)
         points.append(point)
         directions.append(direction)
         products.append(product.to(torch.float64))
         dtypes.append(loss_dtype)
+        differenced = differenced or by_difference
     coarsest = max(dtypes + [dtype], key=lambda d: torch.finfo(d).eps)
-    return Curvature(points, directions, products, coarsest)
+    return Curvature(points, directions, products, coarsest, captured.get("to_logits"), differenced)
 
 
 def check_forms(
@@ -200,10 +215,10 @@ def check_forms(
     forms: list[HeadTask],
     inputs: dict[str, Any],
     labels: torch.Tensor | None,
-    to_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[FormCheck]:
     """Return one :class:`FormCheck` per form, in order: the assumed loss's curvature against the model's."""
     checks = []
+    to_logits = curvature.to_logits
     for form in forms:
         assumed = []
         for point, direction in zip(curvature.points, curvature.directions):
@@ -211,7 +226,7 @@ def check_forms(
             def loss_of(z: torch.Tensor, form: HeadTask = form) -> torch.Tensor:
                 return assumed_loss(form, z if to_logits is None else to_logits(z), inputs, labels)
 
-            product, _ = hessian_vector_product(loss_of, point.to(torch.float64), direction.to(torch.float64))
+            product, _, _ = hessian_vector_product(loss_of, point.to(torch.float64), direction.to(torch.float64))
             assumed.append(product)
         model = curvature.products
         model_curves = any(float(m.abs().max()) > 0 for m in model)

@@ -275,9 +275,9 @@ class FAMMixin:
     def _fam_measure(self, model, inputs, return_outputs, num_items_in_batch, *args, **kwargs):
         """Evaluation (or a call outside a training run): the Trainer's loss, and the penalty measured beside it."""
         probe = self.fam_probe()
-        form = None
         if not model.training and "evaluation" not in self._fam_certified:
-            form = self._fam_certify_form(model, inputs, num_items_in_batch, "evaluation", self.args.fam_lambda != 0)
+            # the form only: evaluation reports kappa per counted row, whatever the Trainer multiplies eval_loss by
+            self._fam_certify_form(model, inputs, num_items_in_batch, "evaluation", self.args.fam_lambda != 0)
         batch_inputs = dict(inputs)  # as given: the Trainer pops the labels when it computes the loss itself
         with probe.watch(inputs, self._fam_labels(inputs), gradient=None) as seen:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch, *args, **kwargs)
@@ -285,9 +285,6 @@ class FAMMixin:
             batch = self._fam_seen(seen, probe)
             total, rows = self._fam_kept(model, batch_inputs, batch)
             add_to(self._fam_eval_sums, total=total, rows=rows)
-            if form is not None:
-                scale = 1.0 / batch.flatness.rows.clamp_min(1)
-                self._fam_check_normalization(form, scale, "evaluation", self.args.fam_lambda != 0)
         return result
 
     def _fam_kept(self, model, inputs: dict[str, Any], batch: BatchFlatness) -> tuple[torch.Tensor, torch.Tensor]:
@@ -330,13 +327,14 @@ class FAMMixin:
             result = super(FAMMixin, self).compute_loss(model, dict(batch_inputs), num_items_in_batch=num_items_in_batch)
             return result[0] if isinstance(result, tuple) else result
 
-        curvature = model_curvature(run_loss, probe.replacing_output, self._fam_isolated, probe.fused, self.args.seed)
+        fused_logits = probe.fused_logits if probe.fused else None
+        curvature = model_curvature(run_loss, probe.replacing_output, self._fam_isolated, fused_logits, self.args.seed)
         if run is not None:
             run.raw_loss.clear()  # the reruns' recorded losses are not this step's
         if curvature is None:
             self._fam_seen([], probe)
         forms = probe.task.forms(self.model, probe.head_name)
-        checks = check_forms(curvature, forms, batch_inputs, labels, probe.fused_logits() if probe.fused else None)
+        checks = check_forms(curvature, forms, batch_inputs, labels)
         flags = torch.tensor(
             [float(not c.agrees) for c in checks] + [float(not any(c.counted for c in checks))], device=self.args.device
         )
