@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .flatness import CHUNK_ELEMENTS, FlatnessSum, at_least_float32, grouped_flatness_sum, head_flatness_sum
-from .head import _base_model, find_head, linear_weight
+from .head import _active_module, _base_model, _is_lora_layer, find_head, linear_weight
 from .rows import IGNORE_INDEX, GroupedRows, HeadTask, sample_rows
 
 
@@ -83,6 +83,7 @@ class FlatnessProbe:
         self.task = HeadTask.from_model(model, loss=loss)
         self._request: dict[str, Any] | None = None
         self._replace: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._linear_checked = fused  # a fused head's logits are computed from the weight by construction
         watched = _base_model(model).base_model if fused else self.head
         self._handle = watched.register_forward_hook(self._on_forward, prepend=True)
 
@@ -159,11 +160,51 @@ class FlatnessProbe:
                     f"The head {self.head_name!r} did not take and return tensors; name another fam_layer."
                 )
             weight, bias = linear_weight(module)
+            if not self._linear_checked:
+                self._check_linear(module, weight, bias, features, logits)
         grad_context = contextlib.nullcontext() if request["gradient"] else torch.no_grad()
         with grad_context:
             result = self._measure(weight, bias, features, logits, request)
         result.dtype = _logits_dtype(logits, features)
         request["results"].append(result)
+
+    def _check_linear(self, module: nn.Module, weight, bias, features: torch.Tensor, logits: torch.Tensor) -> None:
+        """Refuse, on the first batch, a head whose output is not ``features @ weight.T + bias``.
+
+        The penalty differentiates ``z = W phi + b``; a subclass of ``nn.Linear`` may do more in its forward (Dory's
+        LM head multiplies by a learned per-token scale). A LoRA head is not checked: its dropout makes a training
+        output differ from the merged weight's, as intended.
+        """
+        self._linear_checked = True
+        active = _active_module(module)
+        if _is_lora_layer(active):
+            return
+        own = [n for n, _ in active.named_parameters(recurse=False) if n not in ("weight", "bias")]
+        if isinstance(active, nn.Linear) and type(active).forward is not nn.Linear.forward and own:
+            raise ValueError(
+                f"The head {self.head_name!r} is a {type(active).__name__}, a linear layer whose forward also applies "
+                f"its own parameters {own}, so the weight it applies is not its weight and relative flatness, "
+                "defined for z = W phi + b, cannot be computed from it. Set fam_layer to a plain linear layer whose "
+                "output the loss reads, or fam_lambda=0 with callbacks to skip FAM on this model."
+            )
+        if logits.shape[:-1] != features.shape[:-1]:
+            return
+        with torch.no_grad():
+            expected = F.linear(features.to(weight.dtype), weight, bias).to(torch.float64)
+            actual = logits.detach().to(torch.float64)
+            if expected.shape != actual.shape:
+                difference = float("inf")
+            else:
+                scale = max(float(expected.abs().max()), 1e-30)
+                difference = float((expected - actual).abs().max()) / scale
+        coarse = max(logits.dtype, weight.dtype, key=lambda d: torch.finfo(d).eps)
+        if difference > 64 * torch.finfo(coarse).eps:
+            raise ValueError(
+                f"The head {self.head_name!r} ({type(_active_module(module)).__name__}) is not a linear layer in its "
+                f"forward: its output differs from features @ weight.T + bias by {difference:.3g} (relative), so "
+                "relative flatness, defined for z = W phi + b, cannot be computed from it. Set fam_layer to a plain "
+                "linear layer whose output the loss reads (a transform after it is read from the model's loss)."
+            )
 
     def fused_logits(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """Return the map from a fused head's watched hidden state to its logits, in float64 (the certificate's)."""
@@ -202,6 +243,8 @@ class FlatnessProbe:
     def _flatness(self, weight, bias, features, logits, labels, loss, request) -> FlatnessSum:
         """The penalty's sum over the loss's rows, or its unbiased estimate from a sample of them."""
         scale, offset = self.task.logit_scale, self.task.offset
+        if logits is not None and weight.dtype == torch.float64 and logits.dtype != torch.float64:
+            logits = logits.to(torch.float64)  # a head that returns float32 from float64 weights (Dory's)
         if scale is not None:
             weight = weight * scale
             bias = None if bias is None else bias * scale
