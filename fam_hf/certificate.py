@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .probe import task_sums
 from .rows import CAUSAL_LM, GROUPED_KINDS, IGNORE_INDEX, SEQUENCE, HeadTask
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,9 @@ def probe_points(z0: torch.Tensor, seed: int = 0) -> list[tuple[torch.Tensor, to
     return [(z0, normal()), (scaled, normal()), (z0 + noise, normal())]
 
 
-def hessian_vector_product(loss_of: Callable[[torch.Tensor], torch.Tensor], point: torch.Tensor, direction: torch.Tensor):
+def hessian_vector_product(
+    loss_of: Callable[[torch.Tensor], torch.Tensor], point: torch.Tensor, direction: torch.Tensor
+):
     """Return ``(H v, loss dtype, differenced)`` for ``loss_of`` at ``point``: by double backward, or by central
     differences of the gradient where the loss has no second derivative (a fused kernel's backward)."""
     with torch.enable_grad():
@@ -267,16 +270,7 @@ def assumed_loss(task: HeadTask, logits: torch.Tensor, inputs: dict[str, Any], l
     if labels is None:
         return logits.sum() * 0
     _, rows, row_labels = task.select(logits, logits, inputs, labels)
-    rows = task.transform(rows).reshape(-1, rows.shape[-1])
-    loss = task.loss_for(labels)
-    if loss == "cross_entropy":
-        if row_labels.is_floating_point():
-            return F.cross_entropy(rows, row_labels.to(rows.dtype).reshape(rows.shape), reduction="sum")
-        return F.cross_entropy(rows, row_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    targets = row_labels.to(rows.dtype).reshape(rows.shape)
-    if loss == "mse":
-        return F.mse_loss(rows, targets, reduction="sum") / rows.shape[-1]
-    return F.binary_cross_entropy_with_logits(rows, targets, reduction="sum") / rows.shape[-1]
+    return task_sums(task.transform(rows), row_labels, task.loss_for(labels))[0]
 
 
 def describe_form(task: HeadTask, loss: str) -> str:
@@ -302,9 +296,9 @@ def mismatch_message(
             f"the head {head_name!r}, but the batch has no labels for the head's loss, so fam_hf cannot tell which "
             f"loss that is. {WAYS_OUT}"
         )
-    tried = "; ".join(
-        f"{describe_form(c.form, loss)}: off by {max(c.residuals):.2g}" for c in checks[:4]
-    ) + ("; ..." if len(checks) > 4 else "")
+    tried = "; ".join(f"{describe_form(c.form, loss)}: off by {max(c.residuals):.2g}" for c in checks[:4]) + (
+        "; ..." if len(checks) > 4 else ""
+    )
     return (
         f"FAM cannot certify the penalty: on the first {where} batch, the curvature in the output of the head "
         f"{head_name!r} of the loss that {source} returned matches none of the forms fam_hf can compute (Hessian-"
@@ -380,9 +374,7 @@ def log_certified(check: FormCheck, assumed: HeadTask, where: str, source: str, 
     )
 
 
-def settle_checks(
-    checks: list[FormCheck], failed: list[bool], missing: bool
-) -> tuple[FormCheck | None, bool]:
+def settle_checks(checks: list[FormCheck], failed: list[bool], missing: bool) -> tuple[FormCheck | None, bool]:
     """Return ``(the first form every process agrees on or None, settled)``; ``settled`` is False when no process
     had a counted row (check again on a later batch)."""
     if missing:

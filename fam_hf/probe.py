@@ -99,13 +99,11 @@ class FlatnessProbe:
         gradient: str | None,
         with_task: bool = False,
         sample: bool = False,
-        label_smoothing: float = 0.0,
     ) -> Iterator[list[BatchFlatness]]:
         """Measure the next forward pass of the head; yields a list that then holds one :class:`BatchFlatness`.
 
-        ``with_task`` also sums the task loss over the loss's rows (with ``label_smoothing``, the Trainer's
-        ``LabelSmoother``), as the loss reads them from the head's output: the certificate compares it with the
-        model's own loss.
+        ``with_task`` also sums the task loss over the loss's rows, as the loss reads them from the head's output, and
+        counts the rows predicted right (what :func:`fam_hf.measure_relative_flatness` reports beside kappa).
         """
         results: list[BatchFlatness] = []
         self._request = {
@@ -114,7 +112,6 @@ class FlatnessProbe:
             "gradient": gradient,
             "with_task": with_task,
             "sample": sample,
-            "label_smoothing": label_smoothing,
             "results": results,
         }
         try:
@@ -231,13 +228,10 @@ class FlatnessProbe:
         flatness = self._flatness(weight, bias, features, logits, labels, loss, request)
         result = BatchFlatness(flatness, loss, kind=self.task.kind)
         if request["with_task"] and labels is not None:
-            smoothing = request["label_smoothing"]
             if logits is None:
                 result.task_loss = _fused_task_sum(self.task, weight, bias, features, labels)
             else:
-                result.task_loss, result.correct = _task_sums(
-                    self.task.transform(logits.detach()), labels, loss, smoothing
-                )
+                result.task_loss, result.correct = task_sums(self.task.transform(logits.detach()), labels, loss)
         return result
 
     def _flatness(self, weight, bias, features, logits, labels, loss, request) -> FlatnessSum:
@@ -284,7 +278,7 @@ class FlatnessProbe:
         )
         result = BatchFlatness(self._normalized(flatness, weight), "cross_entropy", kind=self.task.kind)
         if request["with_task"] and groups.targets is not None:
-            result.task_loss, result.correct = _grouped_task_sums(groups)
+            result.task_loss, result.correct = _groupedtask_sums(groups)
         return result
 
     def _normalized(self, flatness: FlatnessSum, weight: torch.Tensor) -> FlatnessSum:
@@ -304,19 +298,15 @@ def _full_tensor(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def _task_sums(
-    logits: torch.Tensor, labels: torch.Tensor, loss: str, label_smoothing: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def task_sums(logits: torch.Tensor, labels: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Return the un-averaged task loss over the counted rows and, for hard labels, the number of correct rows."""
     rows = at_least_float32(logits).reshape(-1, logits.shape[-1])
     if loss == "cross_entropy":
         if labels.is_floating_point():
             targets = labels.to(rows.dtype).reshape(rows.shape)
-            return F.cross_entropy(rows, targets, reduction="sum", label_smoothing=label_smoothing), None
+            return F.cross_entropy(rows, targets, reduction="sum"), None
         targets = labels.reshape(-1)
-        total = F.cross_entropy(
-            rows, targets, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing
-        )
+        total = F.cross_entropy(rows, targets, ignore_index=IGNORE_INDEX, reduction="sum")
         counted = targets != IGNORE_INDEX
         return total, (rows.argmax(-1).eq(targets) & counted).sum()
     targets = labels.to(rows.dtype).reshape(rows.shape)
@@ -347,7 +337,7 @@ def _fused_task_sum(
     return total
 
 
-def _grouped_task_sums(groups: GroupedRows) -> tuple[torch.Tensor, torch.Tensor]:
+def _groupedtask_sums(groups: GroupedRows) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``rows`` times the model's loss, computed as the model does, and the number of examples it gets right.
 
     Each column's cross-entropy is a mean over its counted groups (``nan`` if none counts, as in the model), and

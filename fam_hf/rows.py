@@ -134,7 +134,7 @@ def find_logit_offset(model: nn.Module, head_name: str) -> LogitOffset | None:
     from .head import _base_model
 
     base = _base_model(model)
-    for name, tensor in [*base.named_buffers(), *base.named_parameters()]:
+    for name, _ in [*base.named_buffers(), *base.named_parameters()]:
         if name.split(".")[-1] == "final_logits_bias":
             owner_name = name.rpartition(".")[0]
             return LogitOffset(base.get_submodule(owner_name), "final_logits_bias", name)

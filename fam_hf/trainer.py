@@ -23,7 +23,6 @@ from .certificate import (
     FormCheck,
     LossMismatchError,
     check_forms,
-    describe_form,
     isolated_rerun,
     log_certified,
     mismatch_message,
@@ -324,7 +323,9 @@ class FAMMixin:
         run = self._fam_run
 
         def run_loss() -> torch.Tensor:
-            result = super(FAMMixin, self).compute_loss(model, dict(batch_inputs), num_items_in_batch=num_items_in_batch)
+            result = super(FAMMixin, self).compute_loss(
+                model, dict(batch_inputs), num_items_in_batch=num_items_in_batch
+            )
             return result[0] if isinstance(result, tuple) else result
 
         fused_logits = probe.fused_logits if probe.fused else None

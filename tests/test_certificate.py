@@ -123,7 +123,11 @@ def test_a_custom_module_whose_loss_reads_the_head_as_is_is_certified_and_exact(
 
 def test_a_custom_module_whose_loss_transforms_the_head_output_is_refused(tmp_path):
     model = ScaledScorer(scale=3.0).double()
-    with pytest.raises(LossMismatchError, match="head 'head' of the loss that the model \\(ScaledScorer\\) returned matches none.*cross_entropy of the head's output"):
+    with pytest.raises(
+        LossMismatchError,
+        match="head 'head' of the loss that the model \\(ScaledScorer\\) returned matches none"
+        ".*cross_entropy of the head's output",
+    ):
         _step(model, _scorer_batch(), tmp_path, fam_lambda=LAMBDA, fam_layer="head", fam_loss="cross_entropy")
 
 
@@ -168,7 +172,8 @@ def test_a_loss_computed_outside_the_model_is_refused_or_measured_with_a_warning
     if fam_lambda:
         with pytest.raises(
             LossMismatchError,
-            match="PairwiseRewardTrainer.compute_loss returned a loss that depends on the head 'score', but the batch has no labels",
+            match="PairwiseRewardTrainer.compute_loss returned a loss that depends on the head 'score', but the batch "
+            "has no labels",
         ):
             trainer.train()
         return
@@ -371,7 +376,10 @@ def test_fused_sft_penalty_scale_leaves_out_the_router_loss(tmp_path):
         )
         model = AutoModelForCausalLM.from_config(config, experts_implementation="eager").double()
         args = sgd_args(
-            tmp_path / str(coefficient), args_class=FAMSFTConfig, bf16=False, fam_lambda=LAMBDA,
+            tmp_path / str(coefficient),
+            args_class=FAMSFTConfig,
+            bf16=False,
+            fam_lambda=LAMBDA,
             router_aux_loss_coef=coefficient,
         )
         trainer = FAMSFTTrainer(
