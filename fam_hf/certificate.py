@@ -198,8 +198,24 @@ def model_curvature(
     try:
         with torch.no_grad():
             loss_of(probes[0][0])
-    except RuntimeError:  # a fused head that multiplies its weight in the weight's own dtype: rerun in that one
+    except RuntimeError as error:  # a fused head that multiplies in its weight's dtype; or no room for float64
+        if isinstance(error, torch.OutOfMemoryError):
+            _free_cached_memory()
         dtype = z0.dtype if z0.dtype in (torch.float32, torch.float64) else torch.float32
+        logger.info("FAM: the certificate reruns the loss in %s (float64: %s).", dtype, str(error).split("\n")[0])
+    try:
+        curvature = _curvature_at(loss_of, probes, dtype)
+    except torch.OutOfMemoryError:
+        if dtype != torch.float64:
+            raise
+        _free_cached_memory()
+        logger.info("FAM: no memory for the certificate's float64 rerun; rerunning in float32.")
+        curvature = _curvature_at(loss_of, probes, torch.float32)
+    curvature.to_logits = captured.get("to_logits")
+    return curvature
+
+
+def _curvature_at(loss_of, probes: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> Curvature:
     points, directions, products, dtypes, differenced = [], [], [], [], False
     for point, direction in probes:
         point, direction = point.to(dtype), direction.to(dtype)
@@ -210,7 +226,12 @@ def model_curvature(
         dtypes.append(loss_dtype)
         differenced = differenced or by_difference
     coarsest = max(dtypes + [dtype], key=lambda d: torch.finfo(d).eps)
-    return Curvature(points, directions, products, coarsest, captured.get("to_logits"), differenced)
+    return Curvature(points, directions, products, coarsest, differenced=differenced)
+
+
+def _free_cached_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def check_forms(

@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 from tiny_models import (
+    BERT_LIKE,
     as_dataset,
     assert_updates_close,
     batch_for,
@@ -15,7 +16,14 @@ from tiny_models import (
     snapshot,
     updates,
 )
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    AutoConfig,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from fam_hf import FAMTrainer, FAMTrainingArguments
 
@@ -587,3 +595,56 @@ def test_a_train_that_raises_removes_its_wrappers_and_hooks(loss_setting, tmp_pa
     trainer.remove_callback(failing)
     trainer.train()
     assert next(e for e in trainer.state.log_history if "loss" in e)["relative_flatness"] > 0
+
+
+def _dropout_bert():
+    config = AutoConfig.for_model(
+        "bert", **BERT_LIKE, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2, num_labels=3
+    )
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+def _batch_norm_resnet():
+    config = AutoConfig.for_model(
+        "resnet", embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1], num_channels=1, num_labels=3
+    )
+    torch.manual_seed(0)
+    return AutoModelForImageClassification.from_config(config)
+
+
+@pytest.mark.parametrize("make", [_dropout_bert, _batch_norm_resnet], ids=["dropout", "batch_norm"])
+def test_the_certificates_reruns_leave_no_trace_lambda_zero_is_plain_bit_for_bit(make, tmp_path):
+    """The certificate reruns the forward pass on the first batch: its dropout draws and batch-norm statistics must
+    not reach the run, so parameters and buffers end exactly as the plain Trainer's."""
+    runs = {}
+    for name, trainer_class, args_class, fam in (
+        ("plain", Trainer, TrainingArguments, {}),
+        ("fam", FAMTrainer, FAMTrainingArguments, {"fam_lambda": 0.0}),
+    ):
+        model = make()
+        if model.config.model_type == "resnet":
+            generator = torch.Generator().manual_seed(1)
+            batch = {"pixel_values": torch.randn(8, 1, 16, 16, generator=generator), "labels": torch.arange(8) % 3}
+        else:
+            batch = batch_for(model, size=8)
+        trainer_class(
+            model=model,
+            args=args_class(
+                output_dir=str(tmp_path / name),
+                per_device_train_batch_size=4,
+                max_steps=3,
+                use_cpu=True,
+                report_to=[],
+                save_strategy="no",
+                seed=3,
+                disable_tqdm=True,
+                **fam,
+            ),
+            train_dataset=as_dataset(batch),
+            data_collator=collator(torch.float32),
+        ).train()
+        runs[name] = model.state_dict()
+    assert runs["plain"].keys() == runs["fam"].keys()
+    for key, value in runs["plain"].items():
+        assert torch.equal(value, runs["fam"][key]), key
