@@ -1,0 +1,116 @@
+"""The zoo: no architecture of transformers' auto mappings trains FAM silently wrong (the harness is ``zoo.py``).
+
+The default suite runs the settings the issue names and a fixed sample of diverse architectures; ``-m slow`` runs
+every architecture (about an hour on two CPU cores; ``ZOO_SHARD=i/n`` runs every n-th from the i-th) and then checks
+that at least 97% of those built are exact. ``benchmarks/zoo_coverage.py`` runs the same sweep into
+``docs/coverage.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import pytest
+import zoo
+from zoo import Case, cases, named_cases, run_case
+
+from fam_hf import FAMTrainer
+
+# one or two of each kind: heads (Linear, classifier.out_proj, tied), logit transforms (Gemma-2's cap, Granite's and
+# Cohere's scales), row rules (shifted causal LM, a decoder classifier's last token, eos classifiers, masked and
+# seq2seq rows, question answering, multiple choice), inputs (text, images, audio, spectrograms)
+SAMPLE = [
+    Case("causal_lm", "llama", "LlamaForCausalLM"),
+    Case("causal_lm", "gpt2", "GPT2LMHeadModel"),
+    Case("causal_lm", "gemma2", "Gemma2ForCausalLM"),
+    Case("causal_lm", "granite", "GraniteForCausalLM"),
+    Case("causal_lm", "cohere", "CohereForCausalLM"),
+    Case("causal_lm", "opt", "OPTForCausalLM"),
+    Case("sequence_classification", "bert", "BertForSequenceClassification"),
+    Case("sequence_classification", "roberta", "RobertaForSequenceClassification"),
+    Case("sequence_classification", "llama", "LlamaForSequenceClassification"),
+    Case("sequence_classification", "bart", "BartForSequenceClassification"),
+    Case("token_classification", "deberta-v2", "DebertaV2ForTokenClassification"),
+    Case("token_classification", "qwen2", "Qwen2ForTokenClassification"),
+    Case("seq2seq_lm", "t5", "T5ForConditionalGeneration"),
+    Case("seq2seq_lm", "marian", "MarianMTModel"),
+    Case("masked_lm", "bert", "BertForMaskedLM"),
+    Case("masked_lm", "modernbert", "ModernBertForMaskedLM"),
+    Case("image_classification", "vit", "ViTForImageClassification"),
+    Case("image_classification", "convnext", "ConvNextForImageClassification"),
+    Case("question_answering", "bert", "BertForQuestionAnswering"),
+    Case("multiple_choice", "roberta", "RobertaForMultipleChoice"),
+    Case("speech_seq2seq", "whisper", "WhisperForConditionalGeneration"),
+    Case("audio_classification", "wav2vec2", "Wav2Vec2ForSequenceClassification"),
+]
+
+
+def _ids(case: Case) -> str:
+    return case.id
+
+
+def _explain(result) -> str:
+    return f"{result.case}: {result.verdict}: {result.reason}"
+
+
+@pytest.mark.parametrize("case", named_cases(), ids=_ids)
+def test_named_setting_is_exact_against_the_brute_force(case):
+    """The issue's settings: router losses, offsets after the head, soft caps; bf16 with an offset may refuse."""
+    result = run_case(case)
+    allowed = ("exact", "refused") if case.variant.endswith("bf16") else ("exact",)
+    assert result.verdict in allowed, _explain(result)
+
+
+@pytest.mark.parametrize("case", SAMPLE, ids=_ids)
+def test_sample_architecture_is_exact_against_the_brute_force(case):
+    result = run_case(case)
+    assert result.verdict == "exact", _explain(result)
+
+
+def test_the_harness_calls_a_step_off_by_a_thousandth_wrong(monkeypatch):
+    """A trainer whose loss is 0.1% too large is a silent wrong to the harness, whose plain step is exact."""
+
+    class OffTrainer(FAMTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            result = super().compute_loss(model, inputs, *args, **kwargs)
+            return (result[0] * 1.001, result[1]) if isinstance(result, tuple) else result * 1.001
+
+    monkeypatch.setattr(zoo, "FAMTrainer", OffTrainer)
+    result = run_case(Case("sequence_classification", "bert", "BertForSequenceClassification"))
+    assert result.verdict == "wrong", _explain(result)
+    assert result.update_error == pytest.approx(1e-3, rel=1e-6)
+    assert result.extra["plain_step_error"] < 1e-12
+
+
+def _shard(found: list[Case]) -> list[Case]:
+    """The ``ZOO_SHARD=i/n`` share of the cases (1-based), or all of them."""
+    shard = os.environ.get("ZOO_SHARD")
+    if not shard:
+        return found
+    index, count = (int(x) for x in shard.split("/"))
+    return found[index - 1 :: count]
+
+
+_SWEPT: dict[str, object] = {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", _shard(cases()), ids=_ids)
+def test_zoo_architecture_is_not_silently_wrong(case):
+    result = _SWEPT[case.id] = run_case(case)
+    assert result.verdict != "wrong", _explain(result)
+
+
+@pytest.mark.slow
+def test_zoo_at_least_97_percent_of_built_architectures_are_exact():
+    """Runs after the sweep above (reusing its results): of the architectures the zoo builds, 97% are exact."""
+    results = [_SWEPT.get(case.id) or run_case(case) for case in _shard(cases())]
+    built = [r for r in results if r.verdict != "unbuildable"]
+    exact = [r for r in built if r.verdict == "exact"]
+    verdicts = Counter(r.verdict for r in results)
+    assert not verdicts["wrong"], [_explain(r) for r in results if r.verdict == "wrong"]
+    assert len(exact) >= 0.97 * len(built), (
+        f"{len(exact)} of {len(built)} built architectures exact ({verdicts}); not exact: "
+        + "; ".join(_explain(r) for r in built if r.verdict != "exact")
+    )
