@@ -53,6 +53,12 @@ def find_head(model: nn.Module, name: str | None = None) -> tuple[str, nn.Module
     output = get_output() if callable(get_output) else None
     if isinstance(output, nn.Module) and is_linear_like(output):
         return _name_of(base, output), output
+    by_width = _last_linear_of_width(base, getattr(getattr(base, "config", None), "num_labels", None))
+    if by_width is not None:
+        logger.info(
+            "FAM: no head under the usual names; %r is the last linear layer with num_labels outputs.", by_width[0]
+        )
+        return by_width
     raise ValueError(
         f"No head found in {type(base).__name__}: none of {CLASSIFIER_NAMES} is a linear layer and "
         "get_output_embeddings() returned none. Name the linear layer that produces the logits with "
@@ -132,6 +138,16 @@ def linear_candidates(model: nn.Module, limit: int = 8) -> list[str]:
     """Return the names of the last ``limit`` linear layers, the likely heads, for error messages."""
     names = [name for name, module in model.named_modules() if name and is_linear_like(module)]
     return names[-limit:]
+
+
+def _last_linear_of_width(model: nn.Module, width: int | None) -> tuple[str, nn.Module] | None:
+    """The last linear layer with ``width`` outputs (``num_labels``): a classifier's head under another name
+    (XLNet's ``logits_proj``, Funnel's ``classifier.linear_out``, XLM's ``sequence_summary.summary``). A guess the
+    certificate then checks: a layer whose output is not what the loss reads is refused, never measured."""
+    if not isinstance(width, int) or width < 1:
+        return None
+    found = [(n, m) for n, m in model.named_modules() if n and is_linear_like(m) and head_shape(m)[0] == width]
+    return found[-1] if found else None
 
 
 def _resolve_container(name: str, module: nn.Module) -> tuple[str, nn.Module] | None:

@@ -139,3 +139,11 @@ def test_head_shape_reads_the_declared_sizes_through_peft_and_conv1d():
         nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 7)), peft.LoraConfig(r=2, target_modules=["1"])
     )
     assert head_shape(model.base_model.model[1]) == (7, 3)
+
+
+def test_a_classifier_under_an_unknown_name_is_the_last_linear_layer_with_num_labels_outputs():
+    """XLNet's head is ``logits_proj``; a guess by width, which the certificate checks against the model's loss."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.for_model("xlnet", d_model=16, n_layer=1, n_head=2, d_inner=24, vocab_size=40, num_labels=3)
+    assert find_head(AutoModelForSequenceClassification.from_config(config))[0] == "logits_proj"
