@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +97,7 @@ class FormCheck:
     residuals: list[float]  # per probe point, relative
     tolerance: float
     counted: bool  # whether either loss curves in the head's output (otherwise there is nothing to compare)
+    error: str | None = None  # why the form could not be applied to this head's output at all
 
     @property
     def agrees(self) -> bool:
@@ -243,16 +245,21 @@ def check_forms(
     """Return one :class:`FormCheck` per form, in order: the assumed loss's curvature against the model's."""
     checks = []
     to_logits = curvature.to_logits
+    model = curvature.products
     for form in forms:
         assumed = []
-        for point, direction in zip(curvature.points, curvature.directions):
+        try:
+            for point, direction in zip(curvature.points, curvature.directions):
 
-            def loss_of(z: torch.Tensor, form: HeadTask = form) -> torch.Tensor:
-                return assumed_loss(form, z if to_logits is None else to_logits(z), inputs, labels)
+                def loss_of(z: torch.Tensor, form: HeadTask = form) -> torch.Tensor:
+                    return assumed_loss(form, z if to_logits is None else to_logits(z), inputs, labels)
 
-            product, _, _ = hessian_vector_product(loss_of, point.to(torch.float64), direction.to(torch.float64))
-            assumed.append(product)
-        model = curvature.products
+                product, _, _ = hessian_vector_product(loss_of, point.to(torch.float64), direction.to(torch.float64))
+                assumed.append(product)
+        except (ValueError, RuntimeError) as error:  # the form does not fit the head's output (its shape, its rows)
+            reason = str(error).split("\n")[0]
+            checks.append(FormCheck(form, 0.0, [math.inf], curvature.tolerance, True, reason))
+            continue
         model_curves = any(float(m.abs().max()) > 0 for m in model)
         denominator = sum(float((a * a).sum()) for a in assumed)
         if denominator == 0.0:  # fam_hf sees no counted row: a match only if the model's loss ignores the head too
@@ -317,9 +324,11 @@ def mismatch_message(
             f"the head {head_name!r}, but the batch has no labels for the head's loss, so fam_hf cannot tell which "
             f"loss that is. {WAYS_OUT}"
         )
-    tried = "; ".join(f"{describe_form(c.form, loss)}: off by {max(c.residuals):.2g}" for c in checks[:4]) + (
-        "; ..." if len(checks) > 4 else ""
-    )
+    tried = "; ".join(
+        f"{describe_form(c.form, loss)}: "
+        + (f"does not apply ({c.error})" if c.error else f"off by {max(c.residuals):.2g}")
+        for c in checks[:4]
+    ) + ("; ..." if len(checks) > 4 else "")
     return (
         f"FAM cannot certify the penalty: on the first {where} batch, the curvature in the output of the head "
         f"{head_name!r} of the loss that {source} returned matches none of the forms fam_hf can compute (Hessian-"
