@@ -64,7 +64,7 @@ from ..tools.packaged import (
     pip_install,
     resolve_model,
 )
-from .demo import TEXT_ONLY, DemoError, demo_arguments, demo_settings, text_table
+from .demo_common import TEXT_ONLY, DemoError, demo_arguments, demo_settings, text_table
 
 LORA_TARGETS = ("q_proj", "v_proj")  # PEFT's default for Llama; the head is added in the head and weights modes
 CALLER = "fam-hf demo --task causal-lm"
