@@ -41,11 +41,12 @@ from typing import Any
 from transformers import TrainerCallback
 
 from .config import FAMTrainingArguments
+from .defaults import LAUNCH_RECORD_VARIABLE
 from .sam import SAMMixin
 from .seq2seq import FAMSeq2SeqTrainer, FAMSeq2SeqTrainingArguments
 from .trainer import FAMMixin, FAMTrainer
 
-RECORD_VARIABLE = "FAM_HF_LAUNCH_RECORD"
+RECORD_VARIABLE = LAUNCH_RECORD_VARIABLE
 USAGE = "usage: fam-hf launch [-h] (SCRIPT.py | -m MODULE) [ARGS ...]"
 
 # where each instrumented name is defined or re-exported (a script may import it from any of them)

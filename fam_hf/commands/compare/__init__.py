@@ -1,9 +1,11 @@
 """``fam-hf compare``: does FAM help on *your* task? Paired seeds of plain, FAM and SAM on your own training command.
 
-One module per job: :mod:`.arms` (the arm grammar), :mod:`.command` (rewriting the user's command for one run),
-:mod:`.run` (running one run and reading its results), :mod:`.store` (the JSON-lines run log), :mod:`.backends`
-(local and Ray), :mod:`.study` (the study, its seed rules and the loop that runs it), :mod:`.report` (the paired
-differences, their reading, the markdown and the plot) and :mod:`.cli` (the command line, documented there).
+One module per job: :mod:`.arms` (the arm grammar), :mod:`.command` (rewriting the user's command for one run, under
+``fam-hf launch``), :mod:`.run` (running one run in its process group and reading its results), :mod:`.verify`
+(whether a run shows that its arm acted), :mod:`.redact` (no secrets on disk), :mod:`.store` (the JSON-lines run log),
+:mod:`.backends` (local, with CPU threads and GPUs shared out, and Ray), :mod:`.study` (the study and its seed
+rules), :mod:`.loop` (running it), :mod:`.report` (the paired differences, their reading, the markdown and the plot)
+and :mod:`.cli` (the command line, documented there).
 """
 
 from ...defaults import DEFAULT_MODE, DEFAULT_SHARE, GRADIENT_MODES
@@ -18,13 +20,13 @@ from .cli import (
     main,
     study_from_args,
 )
-from .command import check_config_files, run_command, split_command, strip_flag
+from .command import check_config_files, launched, run_command, split_command, strip_flag
+from .loop import run_study
+from .redact import redact_command
 from .report import (
-    CONFIRMATION,
     JSON_NAME,
     MD_NAME,
     PNG_NAME,
-    SCREENING,
     TIMING_METRICS,
     build_report,
     compare_stage,
@@ -34,9 +36,10 @@ from .report import (
     readings,
     write_report,
 )
-from .run import RunSpec, execute_run, log_tail, read_eval_metrics, read_fam_settings, settings_problems
+from .run import RunSpec, execute_run, log_tail, read_eval_metrics
 from .store import RUNS_NAME, append_run, merge_runs, read_runs
-from .study import DEFAULT_OUT, DEFAULT_SEEDS, Study, run_study
+from .study import CONFIRMATION, DEFAULT_OUT, DEFAULT_SEEDS, SCREENING, Study, seed_list
+from .verify import read_fam_settings, settings_problems, verify_run
 
 __all__ = [
     "ARM_HELP",
@@ -71,6 +74,7 @@ __all__ = [
     "compare_command_parser",
     "compare_stage",
     "execute_run",
+    "launched",
     "log_tail",
     "main",
     "markdown_report",
@@ -83,11 +87,14 @@ __all__ = [
     "read_fam_settings",
     "read_runs",
     "readings",
+    "redact_command",
     "run_command",
     "run_study",
+    "seed_list",
     "settings_problems",
     "split_command",
     "strip_flag",
     "study_from_args",
+    "verify_run",
     "write_report",
 ]

@@ -6,39 +6,68 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import queue
+import shutil
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
 from typing import Any
 
 from .arms import CompareError
 from .run import RunSpec, execute_run, log_tail, stop_process
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+DEVICES_VARIABLE = "CUDA_VISIBLE_DEVICES"
 
 
 class LocalBackend:
     """Runs on this machine, in this process's environment: one after another, or ``jobs`` at once.
 
     With ``jobs > 1`` each run gets ``OMP_NUM_THREADS = cores // jobs`` (unless the environment sets it), so that
-    the runs share the cores instead of oversubscribing them; on an interrupt every live run is stopped.
+    the runs share the cores instead of oversubscribing them, and, when GPUs are visible, each job its own share of
+    them through ``CUDA_VISIBLE_DEVICES`` (every run of a study, the first one alone included, sees as many);
+    on an interrupt every live run is stopped. ``gpus``: the GPUs to share out (their ids, or how many), ``None``
+    for those visible here (:func:`visible_gpus`).
     """
 
     name = "local"
 
-    def __init__(self, jobs: int = 1) -> None:
+    def __init__(self, jobs: int = 1, gpus: int | Sequence[str] | None = None) -> None:
         if jobs < 1:
             raise CompareError(f"--jobs must be 1 or more, got {jobs}.")
         self.jobs = jobs
+        self.gpu_shares: list[list[str]] = []
+        if jobs > 1:
+            devices = (
+                visible_gpus()
+                if gpus is None
+                else [str(i) for i in range(gpus)]
+                if isinstance(gpus, int)
+                else list(gpus)
+            )
+            self.gpu_shares = share_gpus(devices, jobs)
 
     def run(self, specs: Sequence[RunSpec]) -> Iterator[dict[str, Any]]:
         if self.jobs == 1 or len(specs) <= 1:
             for spec in specs:
-                yield execute_run(spec)
+                yield execute_run(self._on_gpus(spec, self.gpu_shares[0]) if self.gpu_shares else spec)
             return
         live: list[subprocess.Popen] = []
+        shares: queue.SimpleQueue[list[str] | None] = queue.SimpleQueue()
+        for share in self.gpu_shares or [None] * self.jobs:
+            shares.put(share)
+
+        def on_a_share(spec: RunSpec) -> dict[str, Any]:
+            share = shares.get()  # a worker thread takes a free share, and returns it when its run ends
+            try:
+                spec = self._sharing(spec)
+                return execute_run(self._on_gpus(spec, share) if share is not None else spec, live.append)
+            finally:
+                shares.put(share)
+
         pool = ThreadPoolExecutor(self.jobs)
-        pending = {pool.submit(execute_run, self._sharing(spec), live.append) for spec in specs}
+        pending = {pool.submit(on_a_share, spec) for spec in specs}
         try:
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -56,8 +85,50 @@ class LocalBackend:
         extra = {name: threads for name in THREAD_VARIABLES if name not in os.environ and name not in spec.env}
         return dataclasses.replace(spec, env={**spec.env, **extra})
 
+    @staticmethod
+    def _on_gpus(spec: RunSpec, share: list[str]) -> RunSpec:
+        return dataclasses.replace(spec, env={**spec.env, DEVICES_VARIABLE: ",".join(share)})
+
     def close(self) -> None:
         pass
+
+
+def visible_gpus(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """Return the ids of the GPUs this machine shows the runs: ``CUDA_VISIBLE_DEVICES``'s when it is set (up to a
+    negative id, which hides the rest), else ``0 .. n-1`` for the ``n`` CUDA devices torch counts (none without an
+    NVIDIA driver, or without torch)."""
+    if DEVICES_VARIABLE in environ:
+        devices = []
+        for device in (part.strip() for part in environ[DEVICES_VARIABLE].split(",")):
+            if not device or device.startswith("-"):
+                break
+            devices.append(device)
+        return devices
+    if not (Path("/proc/driver/nvidia").exists() or shutil.which("nvidia-smi")):
+        return []  # no driver: spare importing torch
+    try:
+        import torch
+    except ImportError:
+        return []
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def share_gpus(devices: Sequence[str], jobs: int) -> list[list[str]]:
+    """Return ``jobs`` disjoint shares of ``devices``, as even as they can be (``[]`` when there is no GPU)."""
+    if not devices:
+        return []
+    if len(devices) < jobs:
+        raise CompareError(
+            f"--jobs {jobs} needs a GPU for each job, and {len(devices)} are visible ({', '.join(devices)}): use "
+            f"--jobs {len(devices)} or fewer, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on CPUs."
+        )
+    size, extra = divmod(len(devices), jobs)
+    shares, start = [], 0
+    for job in range(jobs):
+        end = start + size + (job < extra)
+        shares.append(list(devices[start:end]))
+        start = end
+    return shares
 
 
 class RayBackend:

@@ -1,12 +1,13 @@
 """``fam-hf compare``: does FAM help on *your* task? Paired seeds on your own training command.
 
     fam-hf compare [--arms ARM ...] [--seeds N] [--out DIR] [--backend local|ray] [--jobs J]
-                   [--confirm ARM] -- COMMAND ...
+                   [--confirm ARM] [--no-launch] -- COMMAND ...
 
-``COMMAND`` is any training command whose script reads ``FAMTrainingArguments`` with ``HfArgumentParser``: a recipe
-with its YAML config, one of transformers' example scripts with ``Trainer`` swapped for ``FAMTrainer``, a script of
-your own; it may start with ``accelerate launch ...``. ``compare`` runs it once per (arm, seed), appending its own
-settings, which win over the command's (argparse keeps the last value of a repeated flag):
+``COMMAND`` is any training command: transformers' example scripts and your own Trainer scripts as they are, a
+recipe with its YAML config; it may start with ``accelerate launch ...`` or ``torchrun ...``. A Python script runs
+under ``fam-hf launch`` (``python -m fam_hf.launch SCRIPT.py ...``), which makes its ``Trainer`` FAM's, so an
+unmodified script works (``--no-launch``: run the command as it is). ``compare`` runs it once per (arm, seed),
+appending its own settings, which win over the command's (argparse keeps the last value of a repeated flag):
 
     --fam_lambda/--fam_share/--fam_gradient/--sam_rho   the arm's settings
     --seed N --output_dir DIR/runs/<arm>-seed<N>
@@ -14,6 +15,12 @@ settings, which win over the command's (argparse keeps the last value of a repea
 then reads the run's final evaluation metrics (``eval_results.json``/``all_results.json`` from
 ``trainer.save_metrics``, else the last ``eval_*`` entry of ``trainer_state.json``), and reports, for each arm and
 metric, the mean paired difference to ``plain`` over the seeds both finished, with its 95% t-interval.
+
+Every run must show that its arm acted, or it fails with the reason: a FAM arm its resolved ``fam_lambda`` and the
+``relative_flatness`` it logged, a SAM arm its ``sam_rho`` in a trainer that takes SAM steps (from the launcher's
+record, else from the ``fam_config.json`` and ``trainer_state.json`` the run saved). Runs execute in process groups
+of their own, so an interrupt stops everything they started; the values of flags and environment variables named
+like secrets (token, key, secret, password) are hidden in every file compare writes.
 
 Arms: ``plain`` (fam_lambda=0, sam_rho=0); ``fam`` (the library defaults: fam_lambda unset, so it is calibrated
 to fam_share=0.001 of the first batch's loss, fam_gradient=head); ``fam:MODE@SHARE`` (e.g. ``fam:weights@0.02``;
@@ -39,8 +46,9 @@ from typing import Any
 from .arms import ARM_HELP, DEFAULT_ARMS, CompareError, parse_arm, parse_arms
 from .backends import LocalBackend, RayBackend
 from .command import check_config_files, split_command
+from .loop import run_study
 from .report import JSON_NAME, MD_NAME
-from .study import DEFAULT_OUT, DEFAULT_SEEDS, Study, run_study
+from .study import DEFAULT_OUT, DEFAULT_SEEDS, Study
 
 
 def _description() -> str:
@@ -136,6 +144,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="G",
         help="GPUs each Ray task asks for (default: %(default)s)",
     )
+    parser.add_argument(
+        "--no-launch",
+        "--no_launch",
+        dest="no_launch",
+        action="store_true",
+        help="run the command as it is, not its Python script under fam-hf launch (the runs must then show that "
+        "their arm acted through the fam_config.json or trainer_state.json they save)",
+    )
     parser.add_argument("--no-plot", "--no_plot", dest="no_plot", action="store_true", help="skip compare.png")
     parser.add_argument(
         "--no-progress",
@@ -166,6 +182,7 @@ def study_from_args(args: argparse.Namespace) -> Study:
         confirm=confirm,
         confirm_seeds=args.confirm_seeds,
         metrics=args.metrics,
+        launch=not args.no_launch,
     )
     check_config_files(command, arms + ([confirm] if confirm else []), study.cwd)
     if args.backend == "local" and (args.ray_address or args.ray_num_cpus):
@@ -182,6 +199,13 @@ def compare_command(args: argparse.Namespace) -> int:
     except CompareError as error:
         print(f"fam-hf compare: {error}", file=sys.stderr)
         return error.status
+    if study.launch and not study.launched:
+        print(
+            "fam-hf compare: the command does not start a Python script (python SCRIPT.py, accelerate launch, "
+            "torchrun), so its runs execute as they are, not under fam-hf launch: each must show that its arm acted "
+            "through the fam_config.json or trainer_state.json it saves.",
+            file=sys.stderr,
+        )
     backend: Any = None
     try:
         with _study_lock(study.out), _sigterm_as_interrupt():

@@ -1,15 +1,24 @@
 """The user's training command, rewritten for one run: the arm's flags, ``--seed`` and ``--output_dir`` appended (last,
-so they win), the flags the arm needs unset removed, and config files that would set them refused."""
+so they win), the flags the arm needs unset removed, config files that would set them refused, and a Python script
+run under ``fam-hf launch`` (:func:`launched`)."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .arms import Arm, CompareError
+
+LAUNCHER = "fam_hf.launch"
+# Python's own options that take a value (``python -W ignore script.py``)
+PYTHON_VALUE_OPTIONS = ("-W", "-X", "--check-hash-based-pycs")
+# ``python -m LAUNCHER [OPTIONS] SCRIPT.py``: launchers that start the script in several processes
+DISTRIBUTED_LAUNCHERS = (["torch.distributed.run"], ["torch.distributed.launch"], ["accelerate.commands.launch"])
 
 
 def split_command(tokens: Sequence[str]) -> list[str]:
@@ -81,3 +90,45 @@ def _load_config(path: Path) -> Any:
         return yaml.safe_load(text)
     except Exception:  # noqa: BLE001 - not a config we can read: the run will tell
         return None
+
+
+def launched(command: Sequence[str]) -> list[str] | None:
+    """Return ``command`` with its Python script run under ``fam-hf launch``, or ``None`` when it has none to launch.
+
+    ``python [OPTIONS] SCRIPT.py ARGS`` becomes ``python [OPTIONS] -m fam_hf.launch SCRIPT.py ARGS`` (also with
+    ``-m MODULE``); ``accelerate launch [OPTIONS] SCRIPT.py ARGS`` and ``torchrun [OPTIONS] SCRIPT.py ARGS`` (also
+    ``python -m torch.distributed.run``) get ``-m fam_hf.launch`` before the script, so that every process is
+    instrumented. A command already under the launcher (``fam-hf launch``, ``-m fam_hf.launch``) is returned as it
+    is; any other command (``bash train.sh``, ``python -c ...``) gives ``None``.
+    """
+    command = list(command)
+    if not command:
+        return None
+    if LAUNCHER in command or command[:2] == ["fam-hf", "launch"]:
+        return command
+    program = os.path.basename(command[0])
+    if program == "accelerate" and command[1:2] == ["launch"]:
+        return _before_script(command, 2)
+    if program == "torchrun":
+        return _before_script(command, 1)
+    if not re.fullmatch(r"python[\d.]*", program):
+        return None
+    index = 1
+    while index < len(command) and command[index].startswith("-") and command[index] not in ("-m", "-c", "-"):
+        index += 2 if command[index] in PYTHON_VALUE_OPTIONS else 1
+    if index >= len(command) or command[index] in ("-c", "-"):
+        return None
+    if command[index] == "-m" and command[index + 1 : index + 2] in DISTRIBUTED_LAUNCHERS:
+        return _before_script(command, index + 2)
+    return [*command[:index], "-m", LAUNCHER, *command[index:]]
+
+
+def _before_script(command: list[str], start: int) -> list[str] | None:
+    """A launcher's command with ``-m fam_hf.launch`` before its script: the first ``*.py`` after ``start`` (or its
+    ``-m MODULE``)."""
+    for index in range(start, len(command)):
+        if command[index] in ("-m", "--module"):
+            return [*command[:index], "-m", LAUNCHER, "-m", *command[index + 1 :]]
+        if command[index].endswith(".py") and not command[index].startswith("-"):
+            return [*command[:index], "-m", LAUNCHER, *command[index:]]
+    return None

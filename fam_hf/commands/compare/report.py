@@ -8,26 +8,15 @@ import math
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ...tools.stats import markdown_table, paired_difference
 from .arms import BASELINE
 from .store import jsonable
-
-if TYPE_CHECKING:
-    from .study import Study
+from .study import CONFIRMATION, SCREENING, Study, seed_list
 
 TIMING_METRICS = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
-SCREENING, CONFIRMATION = "screening", "confirmation"
 JSON_NAME, MD_NAME, PNG_NAME = "compare.json", "compare.md", "compare.png"
-
-
-def seed_list(seeds: Sequence[int]) -> str:
-    """Return seeds in words: ``0-4`` for a run of three or more, else ``0, 2``."""
-    seeds = sorted(seeds)
-    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
-        return f"{seeds[0]}-{seeds[-1]}"
-    return ", ".join(str(s) for s in seeds)
 
 
 def metric_names(records: Sequence[dict[str, Any]], wanted: Sequence[str] | None = None) -> list[str]:
@@ -94,7 +83,8 @@ def build_report(study: Study, records: Sequence[dict[str, Any]], failures: Sequ
     )
     report: dict[str, Any] = {
         "baseline": BASELINE,
-        "command": study.command,
+        "command": study.shown_command,
+        "launched": study.launched,
         "arms": {
             a.name: {"settings": a.fields, "flags": a.flags()} for a in [*study.arms, *filter(None, [study.confirm])]
         },
@@ -105,6 +95,7 @@ def build_report(study: Study, records: Sequence[dict[str, Any]], failures: Sequ
         "wall_s": {},
         "failed": [{k: f.get(k) for k in ("arm", "seed", "stage", "error", "log", "returncode")} for f in failures],
         "other_arms": sorted({r["arm"] for r in screening} - set(arm_names)),
+        "verified": {},
         "readings": [],
     }
     for arm in arm_names[1:]:
@@ -112,6 +103,9 @@ def build_report(study: Study, records: Sequence[dict[str, Any]], failures: Sequ
     for arm in dict.fromkeys(r["arm"] for r in confirmation if r["arm"] != BASELINE):
         seeds = sorted({r["seed"] for r in confirmation if r["arm"] == arm})
         report["confirmation"][arm] = {"seeds": seeds, "metrics": compare_stage(confirmation, arm, metrics, seeds)}
+    for arm in dict.fromkeys(r["arm"] for r in records):
+        shown = [r.get("verified") for r in records if r["arm"] == arm]
+        report["verified"][arm] = {"runs": len(shown), "shown": shown[0]}
     reported = {k for r in records for k in r.get("metrics", {})}
     report["not_reported"] = [m for m in metrics if m not in reported]
     for arm in dict.fromkeys([*arm_names, *report["confirmation"]]):
@@ -206,7 +200,9 @@ def write_report(study: Study, report: dict[str, Any], plot: bool = True) -> Non
 
 def markdown_report(study: Study, report: dict[str, Any]) -> str:
     """Return ``compare.md``: the command, the arms, one table per stage, the readings in words."""
-    lines = ["# fam-hf compare", "", f"Command: `{shlex.join(study.command)}`", ""]
+    lines = ["# fam-hf compare", "", f"Command: `{shlex.join(study.shown_command)}`", ""]
+    if report.get("launched"):
+        lines += ["Each run executes it under `fam-hf launch` (`-m fam_hf.launch`), which instruments its Trainer.", ""]
     lines += ["Arms (each run also gets `--seed N --output_dir DIR/runs/<arm>-seed<N>`):", ""]
     for name, arm in report["arms"].items():
         lines.append(
@@ -224,6 +220,10 @@ def markdown_report(study: Study, report: dict[str, Any]) -> str:
         rows = [_row(arm, m, e, CONFIRMATION) for m, e in confirmed["metrics"].items()]
         lines.append(markdown_table(headers, rows) if rows else "No metric to compare yet.")
     lines += ["", "## What this says", ""] + [f"- {line}" for line in report["readings"]]
+    if report.get("verified"):
+        lines += ["", "## Every run showed that its arm acted", ""]
+        for arm, verified in report["verified"].items():
+            lines.append(f"- `{arm}` ({verified['runs']} run(s)), for example: {verified['shown']}")
     if report["wall_s"]:
         lines += ["", "## Wall time per run (mean)", ""]
         base = report["wall_s"].get(BASELINE)

@@ -1,23 +1,29 @@
-"""One run of a study: the command in a subprocess with its log, then its evaluation metrics and the FAM/SAM settings
-it recorded, read from its ``output_dir``."""
+"""One run of a study: the command in its own process group with its log, then its evaluation metrics and what it
+shows of FAM and SAM (:mod:`.verify`), read from its ``output_dir`` and the launcher's record."""
 
 from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from ...defaults import LAUNCH_RECORD_VARIABLE
+from .redact import Redactor, redact_command, secret_values
+from .verify import launch_evidence, saved_evidence, verify_run
 
 LOG_TAIL_LINES = 40
+STOP_GRACE_S = 10.0
 
 
 @dataclass
@@ -34,44 +40,79 @@ class RunSpec:
     expect: dict[str, Any]
     env: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def owner_file(self) -> Path:
+        """``logs/<arm>-seed<N>.pid``: the process group that owns the run's ``output_dir`` while it runs."""
+        return Path(self.log).with_suffix(".pid")
+
+    @property
+    def launch_record(self) -> Path:
+        """``logs/<arm>-seed<N>.launch.json``: what ``fam-hf launch`` saw the script's FAM trainers do."""
+        return Path(self.log).with_suffix(".launch.json")
+
 
 def execute_run(spec: RunSpec, started: Callable[[subprocess.Popen], Any] | None = None) -> dict[str, Any]:
     """Run one (arm, seed): the command with its output in ``spec.log``; return its record, or an ``error``.
 
     ``started`` is handed the command's process once it runs (so that a backend running several can stop them all).
 
-    The run's ``output_dir`` is emptied first (a run counts only when finished, so what is there is left from an
-    interrupted attempt). A run fails when it exits with a non-zero status, writes no evaluation metric, or
-    records FAM/SAM settings other than its arm's (the script did not take the appended flags).
+    The command runs in a new session, its own process group, which :func:`stop_process` takes down whole; until it
+    is gone, ``spec.owner_file`` names it. The run's ``output_dir`` is emptied first (a run counts only when
+    finished, so what is there is left from an interrupted attempt), unless a live process group still owns it: then
+    the run fails, saying so, and nothing is deleted. A run fails when it exits with a non-zero status, writes no
+    evaluation metric, or does not show that its arm acted (:func:`.verify.verify_run`). Secret values never reach
+    the log (:mod:`.redact`).
     """
     output_dir, log = Path(spec.output_dir), Path(spec.log)
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
-    cwd = spec.cwd if os.path.isdir(spec.cwd) else None
+    shown_argv = redact_command(spec.argv)
     result: dict[str, Any] = {
         "arm": spec.arm,
         "seed": spec.seed,
         "stage": spec.stage,
-        "command": spec.argv,
+        "command": shown_argv,
         "output_dir": spec.output_dir,
         "log": spec.log,
         "host": socket.gethostname(),
         "pid": os.getpid(),
     }
+    owner = live_owner(spec.owner_file)
+    if owner is not None:
+        result["error"] = (
+            f"{output_dir} is still being written by process group {owner} (a run of an earlier compare that was "
+            f"stopped without it), so it was not deleted. Wait for it to end, or stop it (kill -TERM -{owner}), then "
+            "run compare again."
+        )
+        return result
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    spec.launch_record.unlink(missing_ok=True)
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        LAUNCH_RECORD_VARIABLE: str(spec.launch_record),
+        **spec.env,
+    }
+    redactor = Redactor(secret_values(spec.argv, env))
+    cwd = spec.cwd if os.path.isdir(spec.cwd) else None
     start = time.perf_counter()
-    with open(log, "w") as handle:
-        handle.write(f"# fam-hf compare: arm {spec.arm}, seed {spec.seed} ({spec.stage})\n# {shlex.join(spec.argv)}\n")
+    with open(log, "wb") as handle:
+        header = f"# fam-hf compare: arm {spec.arm}, seed {spec.seed} ({spec.stage})\n# {shlex.join(shown_argv)}\n"
+        handle.write(redactor(header.encode()))
         handle.flush()
         try:
-            process = subprocess.Popen(spec.argv, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+            process = subprocess.Popen(
+                spec.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True
+            )
         except OSError as error:
-            handle.write(f"could not start the command: {error}\n")
+            handle.write(redactor(f"could not start the command: {error}\n".encode()))
             result.update(returncode=None, wall_s=0.0, error=f"could not start the command: {error}")
             result["log_tail"] = log_tail(log)
             return result
+        _write_owner(spec.owner_file, process.pid)
+        copier = threading.Thread(target=_copy_output, args=(process.stdout, handle, redactor), daemon=True)
+        copier.start()
         if started is not None:
             started(process)
         try:
@@ -79,6 +120,11 @@ def execute_run(spec: RunSpec, started: Callable[[subprocess.Popen], Any] | None
         except BaseException:  # interrupted (Ctrl-C, SIGTERM, a cancelled Ray task): take the run down with us
             stop_process(process)
             raise
+        finally:
+            stop_process(process)  # what the command left running in its group (a backgrounded grandchild)
+            copier.join(timeout=STOP_GRACE_S)
+            if live_owner(spec.owner_file) is None:
+                spec.owner_file.unlink(missing_ok=True)
     result.update(returncode=returncode, wall_s=time.perf_counter() - start)
     if returncode != 0:
         result["error"] = f"the command exited with status {returncode}"
@@ -94,35 +140,101 @@ def execute_run(spec: RunSpec, started: Callable[[subprocess.Popen], Any] | None
         )
         result["log_tail"] = log_tail(log)
         return result
-    seen, seen_source = read_fam_settings(output_dir)
-    problems = settings_problems(spec.expect, seen or {})
-    if problems:
-        result["error"] = (
-            f"the run's recorded settings ({seen_source}) are not its arm's: {'; '.join(problems)}. The script "
-            "must take FAMTrainingArguments from the command line (HfArgumentParser), where compare appends them."
-        )
+    evidence = launch_evidence(spec.launch_record)
+    if evidence is None:
+        saved = saved_evidence(output_dir)
+        evidence = [saved] if saved is not None else []
+    error, shown = verify_run(spec.expect, evidence)
+    if error:
+        result["error"] = error
         result["log_tail"] = log_tail(log)
         return result
+    seen = next((e for e in evidence if e.settings), None)
     result.update(
         metrics=metrics,
         metrics_source=source,
-        settings_seen=seen,
-        settings_source=seen_source,
-        settings_verified=True if seen else None,
+        settings_seen=seen.settings if seen else None,
+        settings_source=seen.source if seen else None,
+        settings_verified=True,
+        verified=shown,
         finished_at=datetime.datetime.now().isoformat(timespec="seconds"),
     )
     return result
 
 
-def stop_process(process: subprocess.Popen) -> None:
-    """Terminate a run's process if it still runs (kill it after 10 s)."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def _copy_output(stream: IO[bytes], handle: IO[bytes], redactor: Redactor) -> None:
+    """Copy a run's output to its log line by line, its secret values hidden, until every writer has closed it."""
+    try:
+        for line in iter(stream.readline, b""):
+            handle.write(redactor(line))
+            handle.flush()
+    except (OSError, ValueError):  # the log was closed: a process that left the run's group still writes
+        pass
+    finally:
+        stream.close()
+
+
+def stop_process(process: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
+    """Take a run's whole process group down: SIGTERM, then SIGKILL after ``grace`` seconds for what is left.
+
+    The command was started in a session of its own, so its group is its pid: a shell's children, a launcher's
+    workers and anything they put in the background go with it (nothing the command started outlives the run).
+    """
+    group = process.pid
+    if process.poll() is not None and not _group_alive(group):
+        return
+    _signal_group(process, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if process.poll() is not None and not _group_alive(group):
+            return
+        time.sleep(0.05)
+    _signal_group(process, signal.SIGKILL)
+    process.wait()
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    if not hasattr(os, "killpg"):  # not POSIX: only the process itself
+        if process.poll() is None:
+            process.send_signal(signum)
+        return
+    try:
+        os.killpg(process.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(group: int) -> bool:
+    """Return whether a process group still has a member (on this machine)."""
+    if not hasattr(os, "killpg"):
+        return False
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_owner(path: Path, group: int) -> None:
+    path.write_text(json.dumps({"pgid": group, "host": socket.gethostname(), "compare_pid": os.getpid()}))
+
+
+def live_owner(path: Path) -> int | None:
+    """Return the process group named by a run's owner file if it still lives on this machine, else ``None``.
+
+    An owner file left by a compare that was killed (SIGKILL, a lost machine) names a group that may still be
+    writing into the run's folder; one written on another machine cannot be checked from here and is ignored.
+    """
+    try:
+        owner = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
+        return None
+    group = owner.get("pgid")
+    return group if isinstance(group, int) and _group_alive(group) else None
 
 
 def log_tail(path: str | Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -179,46 +291,6 @@ def _eval_values(values: Any) -> dict[str, float]:
         for key, value in values.items()
         if key.startswith("eval_") and isinstance(value, (int, float)) and not isinstance(value, bool)
     }
-
-
-def read_fam_settings(output_dir: str | Path) -> tuple[dict[str, Any] | None, str | None]:
-    """Return the FAM/SAM settings a run recorded (``fam_config.json`` beside a saved model, else the FAM state in
-    ``trainer_state.json``), and the file; ``(None, None)`` when it saved neither."""
-    from ...tools.plotting import find_trainer_state
-
-    output_dir = Path(output_dir)
-    saved = _read_json(output_dir / "fam_config.json")
-    if isinstance(saved, dict):
-        return saved, "fam_config.json"
-    try:
-        state_path = find_trainer_state(output_dir)
-    except FileNotFoundError:
-        return None, None
-    stored = ((_read_json(state_path) or {}).get("stateful_callbacks") or {}).get("FAMState")
-    if isinstance(stored, list):
-        stored = stored[0] if stored else None
-    settings = ((stored or {}).get("args") or {}).get("settings") if isinstance(stored, dict) else None
-    if isinstance(settings, dict) and settings:
-        return settings, str(state_path.relative_to(output_dir))
-    return None, None
-
-
-def settings_problems(expect: dict[str, Any], seen: dict[str, Any]) -> list[str]:
-    """Return, for every field both name, how the run's recorded value differs from the arm's."""
-    problems = []
-    for name, wanted in expect.items():
-        if name not in seen:
-            continue
-        value = seen[name]
-        if wanted is None:
-            if value is not None:
-                problems.append(f"{name}={value}, the arm needs it unset")
-        elif isinstance(wanted, float):
-            if not isinstance(value, (int, float)) or not math.isclose(float(value), wanted, rel_tol=1e-9):
-                problems.append(f"{name}={value}, the arm sets {wanted}")
-        elif value != wanted:
-            problems.append(f"{name}={value}, the arm sets {wanted}")
-    return problems
 
 
 def _read_json(path: Path) -> Any:

@@ -10,30 +10,57 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .arms import CompareError
+
 RUNS_NAME = "runs.jsonl"
+REQUIRED = ("arm", "seed")
 
 
-def read_runs(path: str | Path) -> list[dict[str, Any]]:
+def read_runs(path: str | Path, required: Sequence[str] = REQUIRED) -> list[dict[str, Any]]:
     """Return the records of a JSON-lines run log (``[]`` if there is none).
 
-    A line that does not parse is skipped with a warning: a study killed while writing its last line leaves that
-    line incomplete, and that run did not count.
+    A last line cut short (no newline, not JSON) is skipped with a warning: a study killed while writing it leaves it
+    so, and that run did not count. Any other line that is not a JSON object with the ``required`` fields is a
+    :class:`CompareError` naming the file and the line: the log was edited or damaged, and guessing would
+    miscount runs.
     """
     path = Path(path)
     if not path.exists():
         return []
+    text = path.read_text()
+    lines = text.splitlines()
     runs = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except ValueError:
-            warnings.warn(f"{path}:{number} is not a complete record (an interrupted write?); ignored.", stacklevel=2)
-            continue
-        if isinstance(record, dict):
-            runs.append(record)
+            if number == len(lines) and not text.endswith("\n"):
+                warnings.warn(
+                    f"{path}:{number} is not a complete record (an interrupted write?); ignored.", stacklevel=2
+                )
+                continue
+            raise CompareError(
+                f"{path}:{number} is not a JSON record: {_excerpt(line)}. {_fix(path, number)}"
+            ) from None
+        missing = [name for name in required if name not in record] if isinstance(record, dict) else list(required)
+        if missing:
+            what = "has no " + " and no ".join(missing) if isinstance(record, dict) else "is not a JSON object"
+            raise CompareError(f"{path}:{number} {what}: {_excerpt(line)}. {_fix(path, number)}")
+        runs.append(record)
     return runs
+
+
+def _excerpt(line: str, width: int = 80) -> str:
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def _fix(path: Path, number: int) -> str:
+    return (
+        f"Each line of {path.name} is one finished run, as compare wrote it; restore line {number} or delete it (that "
+        "run then runs again), or use another --out."
+    )
 
 
 def append_run(path: str | Path, record: dict[str, Any]) -> None:

@@ -1,23 +1,33 @@
-"""A study: its arms, seeds and stages (screening, then confirmation on fresh seeds), the rules that keep a resumed
-study honest, and :func:`run_study`, which runs what it lacks, records each finished run and writes the report."""
+"""A study: its arms, seeds and stages (screening, then confirmation on fresh seeds), the command each run executes
+(under ``fam-hf launch`` unless told not to), and the rules that keep a resumed study honest. :mod:`.loop` runs it,
+:mod:`.report` reports it."""
 
 from __future__ import annotations
 
 import shlex
-import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .arms import BASELINE, Arm, CompareError
-from .command import run_command
-from .report import CONFIRMATION, SCREENING, TIMING_METRICS, build_report, seed_list, write_report
+from .command import launched, run_command
+from .redact import redact_command
 from .run import RunSpec
-from .store import RUNS_NAME, append_run, merge_runs, read_runs
+from .store import RUNS_NAME, merge_runs, read_runs
 
 DEFAULT_SEEDS = 5
 DEFAULT_OUT = "fam_compare"
+SCREENING, CONFIRMATION = "screening", "confirmation"
+
+
+def seed_list(seeds: Sequence[int]) -> str:
+    """Return seeds in words: ``0-4`` for a run of three or more, else ``0, 2``."""
+    seeds = sorted(seeds)
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(str(s) for s in seeds)
 
 
 @dataclass
@@ -32,6 +42,7 @@ class Study:
     confirm_seeds: int | None = None
     metrics: list[str] | None = None
     cwd: Path = field(default_factory=Path.cwd)
+    launch: bool = True
 
     def __post_init__(self) -> None:
         if not self.command:
@@ -56,6 +67,16 @@ class Study:
         return self.out / RUNS_NAME
 
     @property
+    def shown_command(self) -> list[str]:
+        """The command as compare writes it anywhere: the values of secret flags hidden (:mod:`.redact`)."""
+        return redact_command(self.command)
+
+    @property
+    def launched(self) -> bool:
+        """Whether each run executes the command under ``fam-hf launch`` (a Python script, without --no-launch)."""
+        return self.launch and launched(self.command) is not None
+
+    @property
     def screening_seeds(self) -> list[int]:
         return list(range(self.seeds))
 
@@ -74,11 +95,12 @@ class Study:
     def spec(self, arm: Arm, seed: int, stage: str) -> RunSpec:
         name = f"{arm.slug}-seed{seed}"
         output_dir = self.out / "runs" / name
+        argv = run_command(self.command, arm, seed, output_dir)
         return RunSpec(
             arm=arm.name,
             seed=seed,
             stage=stage,
-            argv=run_command(self.command, arm, seed, output_dir),
+            argv=(launched(argv) or argv) if self.launch else argv,
             output_dir=str(output_dir),
             log=str(self.out / "logs" / f"{name}.log"),
             cwd=str(self.cwd),
@@ -89,16 +111,25 @@ class Study:
     def recorded(self) -> list[dict[str, Any]]:
         """Return the finished runs of ``runs.jsonl`` (each (arm, seed) once); refuse a log of another study."""
         records = read_runs(self.runs_path)
+        unverified = [r for r in records if r.get("settings_verified") is not True]
+        if unverified:
+            warnings.warn(
+                f"{self.runs_path} holds {len(unverified)} run(s) recorded without showing that their arm acted (by an "
+                "earlier compare); they are not counted and run again.",
+                stacklevel=2,
+            )
+            records = [r for r in records if r.get("settings_verified") is True]
         unique = merge_runs([records], key=("arm", "seed"))
         if len(unique) < len(records):
             warnings.warn(
                 f"{self.runs_path} holds some (arm, seed) twice; the first record of each counts.", stacklevel=2
             )
         for record in unique:
-            if record.get("base_command") != self.command:
+            if record.get("base_command") != self.shown_command:
                 raise CompareError(
                     f"{self.out} holds a study of another command:\n  {shlex.join(record.get('base_command') or [])}\n"
-                    f"not\n  {shlex.join(self.command)}\nUse another --out, or remove {self.runs_path} to start over."
+                    f"not\n  {shlex.join(self.shown_command)}\nUse another --out, or remove {self.runs_path} to start "
+                    "over."
                 )
         screening_seeds, fresh_seeds = set(self.screening_seeds), set(self.fresh_seeds)
         used_fresh = sorted({r["seed"] for r in unique if r.get("stage") == CONFIRMATION} & screening_seeds)
@@ -116,93 +147,3 @@ class Study:
                 "confirmation starts after them."
             )
         return unique
-
-
-def run_study(study: Study, backend: Any, progress: bool = True, plot: bool = True) -> dict[str, Any]:
-    """Run what the study still lacks, record each finished run, then write the report; return it.
-
-    In a new study the first run runs alone; if it fails, :class:`CompareError` stops the study before any other
-    starts. A study with finished runs has shown that its command works, so its pending runs all go to the backend.
-    """
-    records = study.recorded()
-    done = {(r["arm"], r["seed"]) for r in records}
-    pending = [study.spec(arm, seed, stage) for arm, seed, stage in study.plan() if (arm.name, seed) not in done]
-    failures: list[dict[str, Any]] = []
-    if pending:
-        skipped = len(study.plan()) - len(pending)
-        print(
-            f"fam-hf compare: {len(pending)} run(s) to go"
-            + (f", {skipped} already recorded in {study.runs_path}" if skipped else "")
-            + f"; logs in {study.out / 'logs'}",
-            file=sys.stderr,
-        )
-        bar = _progress_bar(len(pending), progress)
-        try:
-            if not records:
-                first = next(iter(backend.run(pending[:1])))
-                if "error" in first:
-                    raise CompareError(_first_run_error(first), status=1)
-                _record(study, first, records, backend, bar)
-                pending = pending[1:]
-            for result in backend.run(pending):
-                if "error" in result:
-                    failures.append(result)
-                    bar.write(f"FAILED {result['arm']} seed {result['seed']}: {result['error']} (log: {result['log']})")
-                    bar.update(1)
-                else:
-                    _record(study, result, records, backend, bar)
-        finally:
-            bar.close()
-    report = build_report(study, records, failures)
-    write_report(study, report, plot=plot)
-    return report
-
-
-def _record(study: Study, result: dict[str, Any], records: list[dict[str, Any]], backend: Any, bar: Any) -> None:
-    record = {
-        "arm": result["arm"],
-        "seed": result["seed"],
-        "stage": result["stage"],
-        "base_command": study.command,
-        **{k: v for k, v in result.items() if k not in ("arm", "seed", "stage", "log_tail")},
-        "backend": backend.name,
-    }
-    append_run(study.runs_path, record)
-    records.append(record)
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in record["metrics"].items() if k not in TIMING_METRICS)
-    bar.write(f"{record['arm']} seed {record['seed']} ({record['stage']}): {shown} ({record['wall_s']:.0f} s)")
-    bar.update(1)
-
-
-def _first_run_error(result: dict[str, Any]) -> str:
-    tail = result.get("log_tail") or "(the log is empty)"
-    return (
-        f"the first run ({result['arm']}, seed {result['seed']}) failed: {result['error']}.\n"
-        f"Its log is {result['log']}; it ends with:\n{_indent(tail)}\n"
-        "No other run was started: fix the command (try it alone first) and run compare again."
-    )
-
-
-def _indent(text: str) -> str:
-    return "\n".join("    " + line for line in text.splitlines())
-
-
-class _NoBar:
-    def write(self, text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
-    def update(self, count: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, unit="run", desc="compare", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
 RECIPES = ROOT / "recipes"
-USER_SCRIPT = ROOT / "tests" / "scripts" / "user_train.py"
 FAST = ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--logging_steps", "1"]
 
 FAKE_TRAIN = r'''
@@ -31,6 +30,7 @@ parser.add_argument("--fam_gradient", default="head")
 parser.add_argument("--sam_rho", type=float, default=0.0)
 parser.add_argument("--learning_rate", type=float, default=1e-3)  # a setting a control arm may change
 parser.add_argument("--control", required=True)  # JSON: {"fail_on": ["arm:seed"], "hang_on": "arm:seed", ...}
+parser.add_argument("--hub_token", default=None)  # a secret compare must not write anywhere
 args = parser.parse_args()
 control = json.loads(Path(args.control).read_text()) if Path(args.control).exists() else {}
 arm = os.environ["FAM_HF_COMPARE_ARM"]
@@ -38,6 +38,9 @@ key = f"{arm}:{args.seed}"
 with open(control["marker"], "a") as handle:  # one line per invocation
     handle.write(json.dumps({"key": key, "pid": os.getpid(), "ppid": os.getppid()}) + "\n")
 print(f"fake training {key}: fam_lambda={args.fam_lambda} sam_rho={args.sam_rho} fam_share={args.fam_share}")
+if control.get("echo"):  # what a careless script prints: its command line and its environment
+    print("argv:", " ".join(sys.argv), "hub_token:", args.hub_token)
+    print("environment:", {name: os.environ.get(name) for name in control["echo"]})
 out = Path(args.output_dir)
 out.mkdir(parents=True, exist_ok=True)
 (out / "started").write_text(key)
@@ -52,8 +55,9 @@ if key == hang_on or (isinstance(hang_on, list) and key in hang_on):  # a list: 
 time.sleep(control.get("sleep", 0))
 if control.get("times"):  # when each run ran, and the threads it was given
     with open(control["times"], "a") as handle:
-        threads = os.environ.get("OMP_NUM_THREADS")
-        handle.write(json.dumps({"key": key, "start": started, "end": time.time(), "threads": threads}) + "\n")
+        threads, gpus = os.environ.get("OMP_NUM_THREADS"), os.environ.get("CUDA_VISIBLE_DEVICES")
+        entry = {"key": key, "start": started, "end": time.time(), "threads": threads, "gpus": gpus}
+        handle.write(json.dumps(entry) + "\n")
 base = 0.6 + 0.01 * ((args.seed * 7) % 5)
 if args.sam_rho > 0:
     accuracy = base + 0.1 + 0.01 * ((args.seed % 3) - 1)
@@ -71,17 +75,29 @@ settings = {"fam_lambda": args.fam_lambda, "fam_share": args.fam_share, "fam_gra
             "sam_rho": args.sam_rho}
 if control.get("ignore_flags"):
     settings["fam_lambda"] = 0.5
-(out / "fam_config.json").write_text(json.dumps(settings))
+resolved = 0.25 if settings["fam_lambda"] is None else settings["fam_lambda"]  # a calibrated lambda, like FAM's
+logs = [{"loss": 1.0, "relative_flatness": 2.0 - step, "fam_lambda": resolved, "step": step} for step in (1, 2)]
+if control.get("plain_trainer"):  # FAM's flags parsed, the plain Trainer trained: no FAM state, no penalty logged
+    state = {"log_history": [{"loss": 1.0, "step": 1}], "stateful_callbacks": {}}
+    (out / "trainer_state.json").write_text(json.dumps(state))
+elif not control.get("no_state"):  # what FAMTrainer saves: fam_config.json and its state
+    (out / "fam_config.json").write_text(json.dumps({**settings, "resolved_fam_lambda": resolved}))
+    famstate = {"args": {"fam_lambda": resolved, "settings": settings, "draws": 0}, "attributes": {}}
+    state = {"log_history": logs, "stateful_callbacks": {"FAMState": famstate}}
+    (out / "trainer_state.json").write_text(json.dumps(state))
 if not control.get("no_metrics"):
     (out / "eval_results.json").write_text(json.dumps(metrics))
 '''
+
+
+FAKE_NAME = "fake_train.py"
 
 
 class Fake:
     """The fake command and its control file: ``set(...)`` changes its behaviour between invocations."""
 
     def __init__(self, folder: Path) -> None:
-        self.script = folder / "fake_train.py"
+        self.script = folder / FAKE_NAME
         self.script.write_text(FAKE_TRAIN)
         self.control = folder / "control.json"
         self.marker = folder / "invocations.jsonl"
@@ -101,9 +117,12 @@ class Fake:
 
 
 def compare_main(out: Path, command: list[str], *options: str) -> int:
+    """``fam-hf compare OPTIONS --out OUT -- COMMAND``; the fake command (which builds no Trainer) with --no-launch."""
     # imported here, not at the top: conftest.py imports this module before the session goes offline
     from fam_hf.commands import compare
 
+    if any(str(part).endswith(FAKE_NAME) for part in command):
+        options = ("--no-launch", *options)
     return compare.main([*options, "--out", str(out), "--", *command])
 
 

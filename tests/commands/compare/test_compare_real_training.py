@@ -1,17 +1,22 @@
-"""``fam-hf compare`` on real training: the text-classification recipe from a YAML config and a user's own script, on
-tiny models, 2 arms x 2 seeds each."""
+"""``fam-hf compare`` on real training, tiny models: the text-classification recipe from a YAML config (2 arms x 2
+seeds), an unmodified plain-Trainer script under the launcher (3 arms x 2 seeds), and single runs of scripts that do
+not show FAM acting."""
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from compare_fake import FAST, RECIPES, USER_SCRIPT, compare_main, runs
+from compare_fake import FAST, RECIPES, ROOT, compare_main, runs
+from safetensors.torch import load_file
+
+from fam_hf.commands import compare
+
+SCRIPTS = ROOT / "tests" / "scripts"
 
 
 def test_the_text_classification_recipe_from_a_yaml_config(bert_classifier, text_csv, tmp_path):
@@ -43,7 +48,8 @@ def test_the_text_classification_recipe_from_a_yaml_config(bert_classifier, text
         saved = json.loads((Path(record["output_dir"]) / "fam_config.json").read_text())
         rho = 0.05 if record["arm"] == "sam" else 0.0
         assert (saved["fam_lambda"], saved["sam_rho"]) == (0.0, rho)
-        assert record["settings_verified"] is True and record["settings_source"] == "fam_config.json"
+        assert record["settings_verified"] is True and "fam-hf launch record" in record["settings_source"]
+        assert record["command"][1:3] == ["-m", "fam_hf.launch"]  # the recipe ran under the launcher
         assert record["metrics_source"] == "eval_results.json+all_results.json"
         assert {"eval_loss", "eval_accuracy", "eval_f1", "eval_relative_flatness"} <= set(record["metrics"])
     by = {(r["arm"], r["seed"]): r["metrics"] for r in records}
@@ -56,28 +62,51 @@ def test_the_text_classification_recipe_from_a_yaml_config(bert_classifier, text
     assert loss["ci95"] == pytest.approx([sum(diffs) / 2 - half, sum(diffs) / 2 + half])
 
 
-def test_a_users_own_script_with_the_default_fam_arm(tmp_path):
+def test_an_unmodified_plain_trainer_script_gives_fam_and_sam_runs_that_differ_from_plain(tmp_path):
+    """transformers' Trainer, TrainingArguments through HfArgumentParser, nothing of FAM: compare runs it under
+    fam-hf launch, and every run shows that its arm acted."""
     out = tmp_path / "study"
-    command = [sys.executable, str(USER_SCRIPT), "--max_steps", "4", "--learning_rate", "0.005", "--fam_lambda", "0.7"]
-    command += ["--save_strategy", "no", *FAST]
-    assert compare_main(out, command, "--seeds", "2", "--arms", "plain", "fam", "--no-progress") == 0
+    command = [sys.executable, str(SCRIPTS / "launch_classification.py"), "--do_train", "--do_eval"]
+    command += ["--max_steps", "3", "--learning_rate", "0.01", "--save_strategy", "no", *FAST]
+    options = ["--seeds", "2", "--arms", "plain", "fam", "sam", "--jobs", "2", "--no-progress"]
+    assert compare_main(out, command, *options) == 0
     records = runs(out)
-    assert [(r["arm"], r["seed"]) for r in records] == [("plain", 0), ("fam", 0), ("plain", 1), ("fam", 1)]
+    assert sorted((r["arm"], r["seed"]) for r in records) == [(a, s) for a in ("fam", "plain", "sam") for s in (0, 1)]
+    weights = {}
     for record in records:
+        assert record["settings_verified"] is True and "fam-hf launch record" in record["settings_source"]
+        assert record["command"][1:4] == ["-m", "fam_hf.launch", command[1]]
+        launched = json.loads(Path(record["log"]).with_suffix(".launch.json").read_text())
+        (trainer,) = launched["trainers"]
+        assert trainer["trainer"] == "fam_hf.trainer.FAMTrainer" and trainer["steps"] == 3
         log = Path(record["log"]).read_text()
-        assert f"seed={record['seed']}," in log  # the script logs its TrainingArguments
-        assert record["settings_verified"] is None  # this script saves no fam_config.json nor trainer_state.json
-        assert {"eval_loss", "eval_accuracy", "eval_relative_flatness"} <= set(record["metrics"])
-        logged = [float(v) for v in re.findall(r"'fam_lambda': '?([-+.\deE]+)'?", log)]  # the training logs
-        assert len(logged) == 4  # one per step (--logging_steps 1)
-        if record["arm"] == "plain":
-            assert "fam_lambda=0.0," in log and "sam_rho=0.0," in log and set(logged) == {0.0}
-        else:  # the command's --fam_lambda 0.7 was dropped: calibrated to fam_share 0.001, head mode
-            assert "fam_lambda=None," in log and "fam_share=0.001," in log and "fam_gradient=head," in log
-            assert "so that the penalty" in log and "is 0.001 of the task loss" in log
-            assert len(set(logged)) == 1 and 0 < logged[0] != 0.7
+        if record["arm"] == "fam":  # calibrated to fam_share 0.001 on the first batch, logged at every step
+            assert record["verified"].startswith("FAM acted: fam_lambda=") and trainer["fam_lambda"] > 0
+            assert "is 0.001 of the task loss" in log and trainer["relative_flatness_logs"] == 3
+        elif record["arm"] == "sam":
+            assert record["verified"].startswith("SAM acted: sam_rho=0.05") and trainer["sam"]
+        else:
+            assert record["verified"].startswith("plain: fam_lambda=0") and trainer["fam_lambda"] == 0.0
+        weights[record["arm"], record["seed"]] = load_file(Path(record["output_dir"]) / "model.safetensors")
+    for seed in (0, 1):
+        plain = weights["plain", seed]
+        for arm in ("fam", "sam"):
+            assert any(not (plain[n] == weights[arm, seed][n]).all() for n in plain), (arm, seed)
     report = json.loads((out / "compare.json").read_text())
-    for metric in ("eval_loss", "eval_accuracy", "eval_relative_flatness"):
-        entry = report["screening"]["arms"]["fam"][metric]
-        assert entry["n"] == 2 and len(entry["ci95"]) == 2 and entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1]
-    assert (out / "compare.png").stat().st_size > 0
+    assert report["launched"] and set(report["screening"]["arms"]) == {"fam", "sam"}
+    assert set(report["verified"]) == {"plain", "fam", "sam"}
+
+
+@pytest.mark.parametrize(
+    ("script", "arm", "reason"),
+    [
+        ("plain_trainer_fam_args.py", "fam", "shows no sign that FAM acted"),  # parses FAM's flags, trains plainly
+        ("user_train.py", "sam", "shows no sign that SAM acted"),  # FAMTrainer, but saves no state
+    ],
+)
+def test_without_the_launcher_a_run_that_shows_nothing_fails(script, arm, reason, tmp_path):
+    command = [sys.executable, str(SCRIPTS / script), "--max_steps", "2", "--save_strategy", "no", *FAST]
+    study = compare.Study(command=command, arms=compare.parse_arms([arm]), seeds=2, out=tmp_path, launch=False)
+    result = compare.execute_run(study.spec(study.arms[1], 0, compare.SCREENING))
+    assert result["returncode"] == 0 and reason in result["error"] and "trainer.save_state()" in result["error"]
+    assert result["command"][:2] == command[:2]  # not launched

@@ -1,11 +1,13 @@
-"""What ``fam-hf compare`` reads from a run's output_dir, and the report without matplotlib."""
+"""What ``fam-hf compare`` reads from a run's output_dir and the launcher's record, whether the run shows that its arm
+acted, and the report without matplotlib."""
 
 from __future__ import annotations
 
 import json
 import sys
 
-from compare_fake import compare_main
+import pytest
+from compare_fake import compare_main, runs
 
 from fam_hf.commands import compare
 
@@ -35,3 +37,50 @@ def test_without_matplotlib_the_plot_is_skipped_with_a_note(fake, tmp_path, monk
     assert not (out / "compare.png").exists()
     assert "no plot: matplotlib is not installed" in (out / "compare.md").read_text()
     assert json.loads((out / "compare.json").read_text())["plot"] is None
+
+
+# ---- every run shows that its arm acted ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("control", ["plain_trainer", "no_state"])
+def test_fam_and_sam_runs_that_show_nothing_fail_with_the_reason_and_the_fix(fake, tmp_path, control):
+    """``plain_trainer``: FAM's flags parsed, the plain Trainer trained; ``no_state``: nothing saved, no launcher."""
+    out = tmp_path / "study"
+    fake.set(**{control: True})
+    assert compare_main(out, fake.command, "--seeds", "2", "--arms", "plain", "fam", "sam", "--no-progress") == 1
+    assert [(r["arm"], r["seed"]) for r in runs(out)] == [("plain", 0), ("plain", 1)]  # plain has nothing to show
+    report = json.loads((out / "compare.json").read_text())
+    errors = {(f["arm"], f["seed"]): f["error"] for f in report["failed"]}
+    assert set(errors) == {("fam", 0), ("sam", 0), ("fam", 1), ("sam", 1)}
+    for (arm, _), error in errors.items():
+        assert f"shows no sign that {arm.upper()} acted" in error and "fam-hf launch" in error
+        assert "trainer.save_state()" in error  # the fix
+    assert "did not finish (the run shows no sign that FAM acted" in (out / "compare.md").read_text()
+
+
+def test_each_recorded_run_says_what_it_showed(fake, tmp_path):
+    out = tmp_path / "study"
+    assert compare_main(out, fake.command, "--seeds", "2", "--arms", "plain", "fam", "sam", "--no-progress") == 0
+    shown = {r["arm"]: r["verified"] for r in runs(out)}
+    assert shown["fam"].startswith("FAM acted: fam_lambda=0.25, relative_flatness logged 2 time(s)")
+    assert shown["sam"].startswith("SAM acted: sam_rho=0.05") and shown["plain"].startswith("plain: fam_lambda=0")
+    assert "## Every run showed that its arm acted" in (out / "compare.md").read_text()
+
+
+def test_what_the_launchers_record_shows_decides_before_the_saved_files(tmp_path):
+    fam = {"fam_lambda": None, "fam_share": 0.001, "fam_gradient": "head", "sam_rho": 0.0}
+    trainer = {"trainer": "fam_hf.trainer.FAMTrainer", "sam": True, "settings": fam, "trained": True, "steps": 3}
+    record = tmp_path / "run.launch.json"
+
+    def verdict(**changes):
+        record.write_text(json.dumps({"trainers": [{**trainer, **changes}], "problem": None}))
+        return compare.verify_run(fam, compare.verify.launch_evidence(record))
+
+    error, shown = verdict(fam_lambda=0.3, relative_flatness=1.5, relative_flatness_logs=3)
+    assert error is None and shown.startswith("FAM acted: fam_lambda=0.3, relative_flatness logged 3 time(s)")
+    assert "logged no relative_flatness" in verdict(fam_lambda=0.3, relative_flatness=None)[0]
+    assert "--logging_steps" in verdict(fam_lambda=0.3, relative_flatness=None)[0]
+    assert "resolved fam_lambda is 0.0" in verdict(fam_lambda=0.0, relative_flatness=1.0, relative_flatness_logs=1)[0]
+    record.write_text(json.dumps({"trainers": [], "problem": "FAM never ran: train.py built no trainer ..."}))
+    assert compare.verify_run(fam, compare.verify.launch_evidence(record))[0].startswith("fam-hf launch: FAM never ran")
+    assert compare.verify.launch_evidence(tmp_path / "missing.json") is None

@@ -17,6 +17,7 @@ from compare_fake import compare_main, expected_accuracy, runs
 from launch import child_env
 
 from fam_hf.commands import compare
+from fam_hf.commands.compare.run import live_owner
 
 
 def test_a_study_records_every_run_and_reports_paired_differences_by_hand(fake, tmp_path, capsys):
@@ -125,17 +126,17 @@ def test_a_failed_run_is_retried_on_resume_and_finished_runs_are_not_rerun(fake,
     assert len(fake.invocations()) == 5
 
 
-def test_a_killed_study_resumes_without_rerunning_or_double_counting(fake, tmp_path):
+def test_a_killed_study_resumes_without_rerunning_or_double_counting_or_deleting_a_live_runs_folder(fake, tmp_path):
     out = tmp_path / "study"
     fake.set(hang_on="sam:1")
     study = subprocess.Popen(
         [sys.executable, "-m", "fam_hf.commands.compare", "--seeds", "2", "--arms", "plain", "sam", "--out", str(out)]
-        + ["--no-progress", "--", *fake.command],
+        + ["--no-progress", "--no-launch", "--", *fake.command],
         cwd=tmp_path,
         env=child_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: the kill below takes compare and its run down together
+        start_new_session=True,
     )
     hanging = Path(str(fake.marker) + ".hanging")
     try:
@@ -144,16 +145,30 @@ def test_a_killed_study_resumes_without_rerunning_or_double_counting(fake, tmp_p
             assert study.poll() is None and time.monotonic() < deadline, "the study ended before its run hung"
             time.sleep(0.2)
     finally:
-        os.killpg(study.pid, signal.SIGKILL)
+        os.killpg(study.pid, signal.SIGKILL)  # compare alone dies: its run, in a session of its own, writes on
         study.wait()
     assert fake.invocations() == ["plain:0", "sam:0", "plain:1", "sam:1"]
     assert [(r["arm"], r["seed"]) for r in runs(out)] == [("plain", 0), ("sam", 0), ("plain", 1)]
-    assert (out / "runs" / "sam-seed1" / "started").exists()  # what the killed run left behind
-    fake.set()
+    orphan = json.loads((out / "logs" / "sam-seed1.pid").read_text())["pgid"]
+    try:
+        os.killpg(orphan, 0)  # alive
+        fake.set()
+        # a resume leaves the folder the live run owns alone: that run fails, saying why, and nothing is deleted
+        assert compare_main(out, fake.command, "--seeds", "2", "--arms", "plain", "sam", "--no-progress") == 1
+        assert (out / "runs" / "sam-seed1" / "started").exists() and len(fake.invocations()) == 4
+        assert f"still being written by process group {orphan}" in (out / "compare.md").read_text()
+    finally:
+        os.killpg(orphan, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while live_owner(out / "logs" / "sam-seed1.pid") is not None:
+        assert time.monotonic() < deadline, "the orphaned run did not die"
+        time.sleep(0.1)
     assert compare_main(out, fake.command, "--seeds", "2", "--arms", "plain", "sam", "--no-progress") == 0
     assert fake.invocations()[4:] == ["sam:1"]
     assert len(runs(out)) == 4 and len({(r["arm"], r["seed"]) for r in runs(out)}) == 4
-    assert sorted(p.name for p in (out / "runs" / "sam-seed1").iterdir()) == ["eval_results.json", "fam_config.json"]
+    left = sorted(p.name for p in (out / "runs" / "sam-seed1").iterdir())
+    assert left == ["eval_results.json", "fam_config.json", "trainer_state.json"]
+    assert not (out / "logs" / "sam-seed1.pid").exists()  # the run's group is gone: nothing owns the folder
 
 
 def test_a_record_cut_short_by_a_kill_does_not_count(fake, tmp_path):
@@ -217,7 +232,7 @@ def test_an_interrupt_stops_every_run_the_jobs_started(fake, tmp_path):
     fake.set(hang_on=["sam:0", "plain:1"])
     study = subprocess.Popen(
         [sys.executable, "-m", "fam_hf.commands.compare", "--seeds", "2", "--arms", "plain", "sam", "--jobs", "2"]
-        + ["--out", str(out), "--no-progress", "--no-plot", "--", *fake.command],
+        + ["--out", str(out), "--no-progress", "--no-plot", "--no-launch", "--", *fake.command],
         cwd=tmp_path,
         env=child_env(),
         stdout=subprocess.DEVNULL,
