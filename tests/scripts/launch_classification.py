@@ -55,13 +55,8 @@ def compute_metrics(prediction) -> dict:
     return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
 
 
-def main() -> None:
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses()
-    logging.basicConfig(level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)])
-    logger.info("Training/evaluation parameters %s", training_args)
-    set_seed(training_args.seed)
-
+def build_model(model_args: ModelArguments):
+    """A one-layer classifier of ``model_args.model_type``, built from its config, without dropout."""
     config = AutoConfig.for_model(
         model_args.model_type,
         vocab_size=40,
@@ -74,7 +69,17 @@ def main() -> None:
         attention_probs_dropout_prob=0.0,
         num_labels=3,
     )
-    model = AutoModelForSequenceClassification.from_config(config)
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+def main() -> None:
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    logging.basicConfig(level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)])
+    logger.info("Training/evaluation parameters %s", training_args)
+    set_seed(training_args.seed)
+
+    model = build_model(model_args)
     train_dataset = Generated(data_args.max_train_samples, data_args.max_seq_length, seed=training_args.seed)
     eval_dataset = Generated(data_args.max_eval_samples, data_args.max_seq_length, seed=1000)
 
