@@ -5,7 +5,7 @@ Runs :func:`zoo.run_case` (``tests/zoo.py``) on every case of :func:`zoo.cases` 
 ``benchmarks/results/zoo_coverage.json`` after every case (so a running sweep can be read), and renders
 ``docs/coverage.md`` from them at the end.
 
-    python benchmarks/zoo_coverage.py                       # the whole sweep (about an hour on 2 CPU cores)
+    python benchmarks/zoo_coverage.py                       # the whole sweep (about 20 minutes on 2 CPU cores)
     python benchmarks/zoo_coverage.py --shard 1/4 --out benchmarks/results/zoo_coverage.1of4.json
     python benchmarks/zoo_coverage.py --render a.json b.json  # merge shards, write the JSON and docs/coverage.md
     python benchmarks/zoo_coverage.py --only 'Bart|Marian'    # a regular expression over case ids
@@ -189,12 +189,12 @@ def sweep(cases: list, out: Path, gradient: str, resume: bool, limit: float, com
 # ---- docs/coverage.md ---------------------------------------------------------------------------------------------
 
 
-def reason_group(reason: str) -> str:
-    """Return a refusal's reason with its numbers and quoted names elided, so that like reasons group."""
+def reason_group(reason: str, length: int = 170) -> str:
+    """Return a reason with its numbers, quoted names and class names elided, cut to ``length``: like reasons group."""
     reason = re.sub(r"'[\w.\[\]]+'", "'…'", reason)  # head names
-    reason = re.sub(r"\(\w+\) returned", "(…) returned", reason)  # class names
+    reason = re.sub(r"\b[A-Z]\w*(For|Model|LMHead|Head)\w*\b", "…", reason)  # class names
     reason = re.sub(r"(?<![\w.])-?\d+(\.\d+)?(e[-+]?\d+)?", "N", reason)
-    return reason
+    return reason if len(reason) <= length else reason[:length].rstrip() + " …"
 
 
 def render(data: dict) -> str:

@@ -1,7 +1,7 @@
 """The zoo: no architecture of transformers' auto mappings trains FAM silently wrong (the harness is ``zoo.py``).
 
 The default suite runs the settings the issue names and a fixed sample of diverse architectures; ``-m slow`` runs
-every architecture (about an hour on two CPU cores; ``ZOO_SHARD=i/n`` runs every n-th from the i-th) and then checks
+every architecture (about 20 minutes on two CPU cores; ``ZOO_SHARD=i/n`` runs every n-th from the i-th) and then checks
 that at least 97% of those built are exact. ``benchmarks/zoo_coverage.py`` runs the same sweep into
 ``docs/coverage.md``.
 """

@@ -157,7 +157,8 @@ SIZES = {
         POSITIONS,
     ),
     **dict.fromkeys("num_experts num_local_experts n_routed_experts moe_num_experts".split(), 4),
-    **dict.fromkeys("num_experts_per_tok moe_topk moe_k".split(), 2),
+    **dict.fromkeys("num_experts_per_tok num_experts_per_token moe_topk moe_k".split(), 2),
+    "o_groups": 1,
     **dict.fromkeys("n_groups mamba_n_groups".split(), 1),
     "num_kv_shared_layers": 0,
     **dict.fromkeys("n_group topk_group first_k_dense_replace".split(), 1),
@@ -249,6 +250,8 @@ def shrink(config: PretrainedConfig, depth: int = 0) -> None:
             getattr(config, "tdnn_dim", None), list
         ):
             _set(config, key, list(getattr(config, key))[: len(config.tdnn_dim)])
+    if "num_experts_per_tok" in fields and fields["num_experts_per_tok"] is None and fields.get("n_routed_experts"):
+        _set(config, "num_experts_per_tok", 2)  # DeepSeek-V2's default routes to None of its experts
     if "vocab_size" in fields and fields["vocab_size"] is None:
         _set(config, "vocab_size", VOCAB)
     if isinstance(fields.get("stage_names"), list) and isinstance(getattr(config, "num_hidden_layers", None), int):
@@ -262,10 +265,12 @@ def shrink(config: PretrainedConfig, depth: int = 0) -> None:
     if "head_dim" in fields and fields["head_dim"] is None and isinstance(heads, int):
         _set(config, "head_dim", HEAD_DIM)
     for expand, head_dim, heads_key in MAMBA_HEADS:  # Mamba-2 mixers: heads * head_dim = expand * hidden
-        values = [getattr(config, k, None) for k in (expand, head_dim, heads_key, "hidden_size")]
+        values = [vars(config).get(k) for k in (expand, head_dim, heads_key, "hidden_size")]
+        if vars(config).get("mamba_d_ssm"):  # Falcon-H1 sizes its mixer by mamba_d_ssm instead
+            continue
         if all(isinstance(v, int) and not isinstance(v, bool) for v in values) and values[1]:
             _set(config, heads_key, max(1, values[0] * values[3] // values[1]))
-    if isinstance(getattr(config, "qk_rope_head_dim", None), int):  # multi-head latent attention: rope on a part
+    if isinstance(vars(config).get("qk_rope_head_dim"), int):  # multi-head latent attention: rope on a part
         _set(config, "head_dim", config.qk_rope_head_dim)
         if hasattr(config, "qk_head_dim"):
             _set(config, "qk_head_dim", config.qk_rope_head_dim + (getattr(config, "qk_nope_head_dim", 0) or 0))
@@ -585,6 +590,25 @@ def _labels(case: Case, model: nn.Module, inputs: dict, generator: torch.Generat
     return {"labels": torch.randint(0, LABELS, (size,), generator=generator)}
 
 
+def _extra_inputs(case: Case, model: nn.Module, batch: dict, generator: torch.Generator, size: int) -> dict:
+    """Return the inputs a few families need besides the main one (an image, codebooks), or their replacements."""
+    config = model.config
+    if case.model_type == "git":  # a captioning model: its loss skips the image's tokens
+        vision = config.vision_config
+        shape = (size, vision.num_channels, vision.image_size, vision.image_size)
+        return {"pixel_values": torch.randn(*shape, generator=generator).to(model.dtype)}
+    if case.model_type in ("musicgen", "musicgen_melody") and case.mapping == "causal_lm":  # one row per codebook
+        books = config.num_codebooks
+        ids = batch["input_ids"]
+        labels = ids.unsqueeze(-1).expand(-1, -1, books).clone()
+        return {
+            "input_ids": ids.repeat_interleave(books, dim=0),
+            "attention_mask": batch["attention_mask"],
+            "labels": labels,
+        }
+    return {}
+
+
 def make_batch(case: Case, model: nn.Module, seed: int = 1, size: int = BATCH) -> dict[str, torch.Tensor]:
     """Return a labelled batch the model accepts and whose training-mode loss is finite and deterministic.
 
@@ -616,6 +640,7 @@ def make_batch(case: Case, model: nn.Module, seed: int = 1, size: int = BATCH) -
         if case.model_type == "longformer" and "input_ids" in batch:  # its QA and choices want three separators
             batch["input_ids"][..., [2, 3, SEQ - 1]] = model.config.sep_token_id
         batch.update(_labels(case, model, candidate, generator, size))
+        batch.update(_extra_inputs(case, model, batch, generator, size))
         for drop in ((), ("attention_mask",)):
             trial = {k: v for k, v in batch.items() if k not in drop}
             try:
