@@ -194,30 +194,32 @@ def model_curvature(
         return None
     z0 = captured["z0"]
 
-    def loss_of(z: torch.Tensor) -> torch.Tensor:
-        with guard(), torch.no_grad(), replacing(lambda output: z), keep_float64():
-            return run_loss()
-
     probes = probe_points(z0.to(torch.float64), seed)
-    dtype = torch.float64
-    try:
-        with torch.no_grad():
-            loss_of(probes[0][0])
-    except RuntimeError as error:  # a fused head that multiplies in its weight's dtype; or no room for float64
-        if isinstance(error, torch.OutOfMemoryError):
-            _free_cached_memory()
-        dtype = z0.dtype if z0.dtype in (torch.float32, torch.float64) else torch.float32
-        logger.info("FAM: the certificate reruns the loss in %s (float64: %s).", dtype, str(error).split("\n")[0])
-    try:
-        curvature = _curvature_at(loss_of, probes, dtype)
-    except torch.OutOfMemoryError:
-        if dtype != torch.float64:
-            raise
-        _free_cached_memory()
-        logger.info("FAM: no memory for the certificate's float64 rerun; rerunning in float32.")
-        curvature = _curvature_at(loss_of, probes, torch.float32)
-    curvature.to_logits = captured.get("to_logits")
-    return curvature
+    # float64 throughout where the model allows it; then float64 with the model's own .float() casts (a model that
+    # mixes them with float32 tensors); then the dtype of its output (a fused kernel that multiplies in its weight's
+    # dtype) or float32 where float64 does not fit in memory
+    attempts = [(torch.float64, True), (torch.float64, False)]
+    attempts.append((z0.dtype if z0.dtype in (torch.float32, torch.float64) else torch.float32, False))
+    attempts.append((torch.float32, False))
+    failure: RuntimeError | None = None
+    for dtype, upcasts_kept in dict.fromkeys(attempts):
+
+        def loss_of(z: torch.Tensor, upcasts_kept: bool = upcasts_kept) -> torch.Tensor:
+            kept = keep_float64() if upcasts_kept else contextlib.nullcontext()
+            with guard(), torch.no_grad(), replacing(lambda output: z), kept:
+                return run_loss()
+
+        try:
+            curvature = _curvature_at(loss_of, probes, dtype)
+        except RuntimeError as error:
+            if isinstance(error, torch.OutOfMemoryError):
+                _free_cached_memory()
+            failure = error
+            logger.info("FAM: the certificate's rerun in %s failed (%s).", dtype, str(error).split("\n")[0])
+            continue
+        curvature.to_logits = captured.get("to_logits")
+        return curvature
+    raise failure
 
 
 def _curvature_at(loss_of, probes: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> Curvature:
