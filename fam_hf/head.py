@@ -53,10 +53,10 @@ def find_head(model: nn.Module, name: str | None = None) -> tuple[str, nn.Module
     output = get_output() if callable(get_output) else None
     if isinstance(output, nn.Module) and is_linear_like(output):
         return _name_of(base, output), output
-    by_width = _last_linear_of_width(base, getattr(getattr(base, "config", None), "num_labels", None))
+    by_width = _last_linear_of_width(base, _head_width(base))
     if by_width is not None:
         logger.info(
-            "FAM: no head under the usual names; %r is the last linear layer with num_labels outputs.", by_width[0]
+            "FAM: no head under the usual names; %r is the last linear layer of the head's width.", by_width[0]
         )
         return by_width
     raise ValueError(
@@ -138,6 +138,17 @@ def linear_candidates(model: nn.Module, limit: int = 8) -> list[str]:
     """Return the names of the last ``limit`` linear layers, the likely heads, for error messages."""
     names = [name for name, module in model.named_modules() if name and is_linear_like(module)]
     return names[-limit:]
+
+
+def _head_width(model: nn.Module) -> int | None:
+    """The number of outputs a head of this model has: one logit per choice, a start and an end logit per position,
+    else ``num_labels``."""
+    name = type(model).__name__
+    if name.endswith("ForMultipleChoice"):
+        return 1
+    if name.endswith("ForQuestionAnswering"):
+        return 2
+    return getattr(getattr(model, "config", None), "num_labels", None)
 
 
 def _last_linear_of_width(model: nn.Module, width: int | None) -> tuple[str, nn.Module] | None:
