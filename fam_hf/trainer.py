@@ -337,7 +337,8 @@ class FAMMixin:
         forms = probe.task.forms(self.model, probe.head_name)
         checks = check_forms(curvature, forms, batch_inputs, labels)
         flags = torch.tensor(
-            [float(not c.agrees) for c in checks] + [float(not any(c.counted for c in checks))], device=self.args.device
+            [float(c.counted and not c.agrees) for c in checks] + [float(not any(c.counted for c in checks))],
+            device=self.args.device,
         )
         if self.accelerator.num_processes > 1:
             flags = self.accelerator.reduce(flags, reduction="sum")
