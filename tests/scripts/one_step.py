@@ -19,8 +19,9 @@ CASES = {
     "causal_lm_equal": ("llama", "causal_lm", None),  # every example counts 4 tokens: 16 on each rank
     "classifier": ("bert", "sequence", False),
     "loss_func_mean": ("llama", "causal_lm", None),  # a compute_loss_func returning each micro-batch's mean
+    "causal_lm_one_example": ("llama", "causal_lm", None),  # one example counts: a rank's first batch has no token
 }
-DEFAULT_CASES = ("causal_lm", "causal_lm_equal", "classifier")
+DEFAULT_CASES = ("causal_lm", "causal_lm_equal", "classifier", "causal_lm_one_example")
 
 
 def mean_lm_loss(outputs, labels, num_items_in_batch=None):
@@ -34,6 +35,8 @@ def case_batch(case: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     batch = batch_for(model, size=8)
     if case == "causal_lm_equal":
         batch["labels"][0, 3] = batch["input_ids"][0, 3]
+    if case == "causal_lm_one_example":
+        batch["labels"][1:] = -100
     return batch
 
 
