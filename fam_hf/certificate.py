@@ -400,7 +400,7 @@ def log_certified(check: FormCheck, assumed: HeadTask, where: str, source: str, 
     if check.form != assumed:
         logger.info("FAM: the model's loss reads %s, not %s.", check.form.describe(), assumed.describe())
     logger.info(
-        "FAM: certified on the first %s batch: %s returned %s (its curvature in the head's output within %.2g of "
+        "FAM: certified on the first %s batch: %s returned %s (its curvature in the head's output within %.1e of "
         "fam_hf's at %d probe points).",
         where,
         source,
