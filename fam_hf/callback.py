@@ -418,7 +418,7 @@ class RelativeFlatnessCallback(TrainerCallback):
                 module(*args, **dict(kwargs))
             batch = seen[0]
         rows = float(batch.flatness.rows)
-        if rows > 0 and abs(chosen.factor * rows - 1) > chosen.tolerance:
+        if rows > 0 and not chosen.normalized_as(1 / rows):
             message = normalization_message(chosen.factor, 1 / rows, "evaluation", probe.head_name, source)
             logger.warning("%s Only measuring.", message)
         return True, batch

@@ -106,6 +106,10 @@ class FormCheck:
     def agrees(self) -> bool:
         return self.counted and all(r <= self.tolerance for r in self.residuals)
 
+    def normalized_as(self, scale: float) -> bool:
+        """Whether the model's loss is ``scale`` times the assumed sum: the penalty's normalization is the loss's."""
+        return abs(self.factor - scale) <= self.tolerance * max(abs(scale), abs(self.factor))
+
 
 def probe_points(z0: torch.Tensor, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Return ``(point, direction)`` pairs: ``z0``, a rescaled ``c * z0`` with large logits, and ``z0`` plus noise.

@@ -55,9 +55,7 @@ def find_head(model: nn.Module, name: str | None = None) -> tuple[str, nn.Module
         return _name_of(base, output), output
     by_width = _last_linear_of_width(base, _head_width(base))
     if by_width is not None:
-        logger.info(
-            "FAM: no head under the usual names; %r is the last linear layer of the head's width.", by_width[0]
-        )
+        logger.info("FAM: no head under the usual names; %r is the last linear layer of the head's width.", by_width[0])
         return by_width
     raise ValueError(
         f"No head found in {type(base).__name__}: none of {CLASSIFIER_NAMES} is a linear layer and "

@@ -38,7 +38,6 @@ class BatchFlatness:
     task_loss: torch.Tensor | None = None
     correct: torch.Tensor | None = None
     kind: str | None = None
-    dtype: torch.dtype = torch.float32  # the precision the head's logits were computed in
 
 
 class FlatnessProbe:
@@ -162,7 +161,6 @@ class FlatnessProbe:
         grad_context = contextlib.nullcontext() if request["gradient"] else torch.no_grad()
         with grad_context:
             result = self._measure(weight, bias, features, logits, request)
-        result.dtype = _logits_dtype(logits, features)
         request["results"].append(result)
 
     def _check_linear(self, module: nn.Module, weight, bias, features: torch.Tensor, logits: torch.Tensor) -> None:
@@ -283,14 +281,6 @@ class FlatnessProbe:
 
     def _normalized(self, flatness: FlatnessSum, weight: torch.Tensor) -> FlatnessSum:
         return FlatnessSum(flatness.total / weight.shape[-1], flatness.rows) if self.normalize else flatness
-
-
-def _logits_dtype(logits: torch.Tensor | None, features: torch.Tensor) -> torch.dtype:
-    """The precision of the head's logits: their dtype, or autocast's where a fused head never materialized them."""
-    if logits is not None:
-        return logits.dtype
-    device = features.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else features.dtype
 
 
 def _full_tensor(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -20,6 +20,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from .config import FAMTrainingArguments
+from .flatness import at_least_float32
 from .head import _active_module, _is_lora_layer
 from .probe import BatchFlatness
 from .run import FAMRun
@@ -95,8 +96,8 @@ class FAMSFTTrainer(FAMMixin, SAMMixin, SFTTrainer):
         """The returned loss's derivative in the fused head's per-token losses: TRL's divisor and process factor.
 
         Read off the loss's graph on every step (they change with every batch's token count), so a term that does
-        not come from the head, such as an MoE router loss, does not enter it. A batch without a counted token has
-        a zero penalty and factor 0.
+        not come from the head, such as an MoE router loss, does not enter it. TRL divides by at least 1 token, so
+        the factor is finite on a batch without a counted token too (whose penalty is 0). No synchronization.
         """
         if not run.raw_loss:
             self._fam_no_log_probs()
@@ -106,8 +107,7 @@ class FAMSFTTrainer(FAMMixin, SAMMixin, SFTTrainer):
         (weights,) = torch.autograd.grad(loss, log_probs, retain_graph=True, allow_unused=True)
         if weights is None:
             return torch.zeros((), device=loss.device)
-        counted = batch.flatness.rows
-        return (-weights.detach().double().mean()).to(loss.device) if bool(counted > 0) else weights.new_zeros(())
+        return -at_least_float32(weights.detach()).mean()
 
 
 @contextlib.contextmanager

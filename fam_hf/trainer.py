@@ -363,7 +363,7 @@ class FAMMixin:
     def _fam_check_normalization(self, form: FormCheck, scale, where: str, penalize: bool) -> None:
         """Refuse (or, only measuring, warn about) a penalty scaled unlike the loss the certificate measured."""
         value = float(scale)
-        if abs(form.factor - value) <= form.tolerance * max(abs(value), abs(form.factor)):
+        if form.normalized_as(value):
             return
         message = normalization_message(form.factor, value, where, self.fam_probe().head_name, self._fam_loss_source())
         if penalize:
