@@ -86,6 +86,10 @@ class FAMRun:
     window: dict[str, torch.Tensor] = field(default_factory=dict)
     hooks: list[Any] = field(default_factory=list)
     wrapped: dict[str, Any] = field(default_factory=dict)
+    # what FAM did, whatever the logging schedule: training passes whose loss carried the penalty, and the last
+    # relative_flatness in the units of the logged loss (a tensor: reading it would synchronize every step)
+    penalized_batches: int = 0
+    last_relative_flatness: torch.Tensor | None = None
 
     def remove_hooks(self) -> None:
         """Remove the run's loss hooks from the model (the probe stays: evaluation after training uses it)."""

@@ -41,6 +41,7 @@ class SAMMixin:
         if self.accelerator.sync_gradients:
             micro_batches, self._sam_micro_batches = pending, []
             self._sam_second_pass(model, micro_batches, rho, *args, **kwargs)
+            self.sam_steps = getattr(self, "sam_steps", 0) + 1  # what SAM did, for fam-hf launch's record
         return loss
 
     def _sam_second_pass(

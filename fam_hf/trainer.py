@@ -269,6 +269,9 @@ class FAMMixin:
             # what the Trainer did to the loss after compute_loss (divide by the accumulation steps, or not)
             factor = torch.where(total != 0, step_loss.detach().to(total.dtype) / total, torch.zeros_like(total))
             add_to(run.window, task_loss=task_loss * factor, relative_flatness=penalty * factor)
+            run.last_relative_flatness = (penalty * factor).detach()
+            if run.fam_lambda:
+                run.penalized_batches += 1
         return step_loss
 
     def _fam_measure(self, model, inputs, return_outputs, num_items_in_batch, *args, **kwargs):
