@@ -30,7 +30,8 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import find_batch_size
 
-from .certificate import check_forms, isolated_rerun, mismatch_message, model_curvature, normalization_message
+from .certificate import certified_curvature, check_forms, isolated_rerun, mismatch_message, normalization_message
+from .certificate_batch import CertificateBatch, certificate_batches
 from .evaluation import first_examples, kept_examples, padded_last_batch
 from .probe import BatchFlatness, FlatnessProbe
 from .rows import CAUSAL_LM, GROUPED_KINDS, SEQUENCE, UnsupportedTaskError
@@ -394,16 +395,22 @@ class RelativeFlatnessCallback(TrainerCallback):
         ``(whether the check was made, the batch's measurement)``.
         """
         probe = self._probes[False]
+        # the model's own keyword inputs, cut to the certificate's bounded batch (positional inputs: the whole batch)
+        whole = [CertificateBatch(dict(kwargs), whole=True)]
+        batches = whole if args else certificate_batches(kwargs, "labels", probe.task)
 
-        def run_loss() -> torch.Tensor:
-            output = module(*args, **dict(kwargs))
+        def run_loss(batch_kwargs: dict[str, Any]) -> torch.Tensor:
+            output = module(*args, **dict(batch_kwargs))
             return output.get("loss") if isinstance(output, dict) else output.loss
 
         device = next((p.device for p in module.parameters()), None)
-        curvature = model_curvature(run_loss, probe.replacing_output, lambda: isolated_rerun(module, device))
+        guard = lambda: isolated_rerun(module, device)  # noqa: E731
+        curvature, certified = certified_curvature(batches, run_loss, probe.replacing_output, guard)
         if curvature is None:
             return False, batch
-        checks = check_forms(curvature, probe.task.forms(module, probe.head_name), inputs, inputs.get("labels"))
+        part = inputs if certified.whole else certified.inputs
+        forms = probe.task.forms(module, probe.head_name)
+        checks = check_forms(curvature, forms, part, part.get("labels"), whole=certified.whole)
         if not any(check.counted for check in checks):
             return False, batch
         chosen = next((check for check in checks if check.agrees), None)
@@ -417,7 +424,7 @@ class RelativeFlatnessCallback(TrainerCallback):
             with torch.no_grad(), probe.watch(inputs, inputs.get("labels"), gradient=None) as seen:
                 module(*args, **dict(kwargs))
             batch = seen[0]
-        rows = float(batch.flatness.rows)
+        rows = float(batch.flatness.rows) if chosen.whole else chosen.rows  # the model's loss: a mean over its rows
         if rows > 0 and not chosen.normalized_as(1 / rows):
             message = normalization_message(chosen.factor, 1 / rows, "evaluation", probe.head_name, source)
             logger.warning("%s Only measuring.", message)

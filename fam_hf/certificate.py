@@ -22,6 +22,7 @@ batch it is checked against the factor the penalty is scaled by.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .certificate_batch import CertificateBatch
 from .probe import task_sums
 from .rows import CAUSAL_LM, GROUPED_KINDS, IGNORE_INDEX, SEQUENCE, HeadTask
 
@@ -101,6 +103,8 @@ class FormCheck:
     tolerance: float
     counted: bool  # whether either loss curves in the head's output (otherwise there is nothing to compare)
     error: str | None = None  # why the form could not be applied to this head's output at all
+    rows: float = 0.0  # the rows the form's loss counts in the certificate's batch
+    whole: bool = True  # whether the certificate's batch was the batch itself (see fam_hf.certificate_batch)
 
     @property
     def agrees(self) -> bool:
@@ -109,6 +113,20 @@ class FormCheck:
     def normalized_as(self, scale: float) -> bool:
         """Whether the model's loss is ``scale`` times the assumed sum: the penalty's normalization is the loss's."""
         return abs(self.factor - scale) <= self.tolerance * max(abs(scale), abs(self.factor))
+
+    def normalized_like(self, scale: float, rows: float, divides_by_items: bool | None) -> bool:
+        """Whether the penalty, ``scale`` times its sum over the batch's ``rows`` counted rows, is normalized as the
+        model's loss is.
+
+        On a part of the batch, a loss that divides by ``num_items_in_batch`` (the same number the part was given)
+        keeps its factor, and one that divides by its own counted rows divides by the part's: ``scale * rows /
+        self.rows``. ``divides_by_items`` says which the penalty assumed (``None``: not read, either holds).
+        """
+        if self.whole:
+            return self.normalized_as(scale)
+        own_rows = scale * rows / self.rows if self.rows else math.inf
+        expected = {True: [scale], False: [own_rows], None: [scale, own_rows]}[divides_by_items]
+        return any(self.normalized_as(value) for value in expected)
 
 
 def probe_points(z0: torch.Tensor, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -245,13 +263,51 @@ def _free_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def certified_curvature(
+    batches: list[CertificateBatch],
+    run_loss: Callable[[dict[str, Any]], torch.Tensor],
+    replacing: Callable[[Callable[[torch.Tensor], torch.Tensor]], contextlib.AbstractContextManager],
+    guard: Callable[[], contextlib.AbstractContextManager],
+    fused_logits: Callable[[], Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    seed: int = 0,
+) -> tuple[Curvature | None, CertificateBatch]:
+    """:func:`model_curvature` on the first of ``batches`` (:func:`fam_hf.certificate_batch.certificate_batches`)
+    the model runs on: ``run_loss(inputs)`` computes the loss of one. Returns the curvature and that batch."""
+    for index, batch in enumerate(batches):
+        try:
+            rerun = functools.partial(run_loss, batch.inputs)
+            return model_curvature(rerun, replacing, guard, fused_logits, seed), batch
+        except Exception as error:  # the model needs what the cut left out (its whole sequence, say)
+            if index == len(batches) - 1:
+                raise
+            logger.info(
+                "FAM: the certificate's rerun on %s failed (%s); trying %s.",
+                _described(batch),
+                str(error).split("\n")[0],
+                _described(batches[index + 1]),
+            )
+    raise ValueError("no batch to certify on")
+
+
+def _described(batch: CertificateBatch) -> str:
+    if batch.whole:
+        return "the whole batch"
+    cut = f", {batch.window} positions each" if batch.window else ""
+    return f"{batch.examples} examples of the batch{cut}"
+
+
 def check_forms(
     curvature: Curvature,
     forms: list[HeadTask],
     inputs: dict[str, Any],
     labels: torch.Tensor | None,
+    whole: bool = True,
 ) -> list[FormCheck]:
-    """Return one :class:`FormCheck` per form, in order: the assumed loss's curvature against the model's."""
+    """Return one :class:`FormCheck` per form, in order: the assumed loss's curvature against the model's.
+
+    ``whole`` says whether ``inputs`` is the batch itself or a part of it (the loss's normalization is then compared
+    in the part's units, :meth:`FormCheck.normalized_like`).
+    """
     checks = []
     to_logits = curvature.to_logits
     model = curvature.products
@@ -265,9 +321,10 @@ def check_forms(
 
                 product, _, _ = hessian_vector_product(loss_of, point.to(torch.float64), direction.to(torch.float64))
                 assumed.append(product)
+            rows = counted_rows(form, curvature.points[0], inputs, labels)
         except (ValueError, RuntimeError) as error:  # the form does not fit the head's output (its shape, its rows)
             reason = str(error).split("\n")[0]
-            checks.append(FormCheck(form, 0.0, [math.inf], curvature.tolerance, True, reason))
+            checks.append(FormCheck(form, 0.0, [math.inf], curvature.tolerance, True, reason, whole=whole))
             continue
         model_curves = any(float(m.abs().max()) > 0 for m in model)
         denominator = sum(float((a * a).sum()) for a in assumed)
@@ -281,8 +338,20 @@ def check_forms(
                 scale = max(float(m.norm()), abs(factor) * float(a.norm()), floor)
                 residuals.append(float((m - factor * a).norm()) / scale if scale > 0 else 0.0)
         counted = model_curves or denominator > 0
-        checks.append(FormCheck(form, factor, residuals, curvature.tolerance, counted))
+        checks.append(FormCheck(form, factor, residuals, curvature.tolerance, counted, rows=rows, whole=whole))
     return checks
+
+
+def counted_rows(task: HeadTask, output: torch.Tensor, inputs: dict[str, Any], labels: torch.Tensor | None) -> float:
+    """Return the number of rows the form's loss averages over, as the penalty counts them (``FlatnessSum.rows``)."""
+    if task.grouped:
+        return float(task.groups(output, output, inputs, labels).rows)
+    if labels is None:
+        return 0.0
+    _, rows, row_labels = task.select(output, output, inputs, labels)
+    if task.loss_for(labels) == "cross_entropy" and not row_labels.is_floating_point():
+        return float((row_labels != IGNORE_INDEX).sum())
+    return float(rows.reshape(-1, rows.shape[-1]).shape[0])
 
 
 def assumed_loss(task: HeadTask, logits: torch.Tensor, inputs: dict[str, Any], labels: torch.Tensor | None):

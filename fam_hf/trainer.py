@@ -22,14 +22,15 @@ from transformers.trainer_pt_utils import find_batch_size
 from .certificate import (
     FormCheck,
     LossMismatchError,
+    certified_curvature,
     check_forms,
     isolated_rerun,
     log_certified,
     mismatch_message,
-    model_curvature,
     normalization_message,
     settle_checks,
 )
+from .certificate_batch import certificate_batches
 from .config import FAMTrainingArguments
 from .evaluation import first_examples, kept_examples, padded_last_batch
 from .head import _active_module, check_effective_weight, head_shape
@@ -222,7 +223,7 @@ class FAMMixin:
             inputs,
             self._fam_labels(inputs),
             gradient=self.args.fam_gradient if penalize else None,
-            sample=run.fam_lambda is not None,  # a calibration uses every row of its batch
+            sample=True,  # a calibration too: from the unbiased estimate, so the first step costs what the others do
         ) as seen:
             result = super().compute_loss(
                 model, inputs, return_outputs, num_items_in_batch if sentinel is None else sentinel, *args, **kwargs
@@ -236,7 +237,8 @@ class FAMMixin:
                 self._fam_warn_ignored_num_items()
         scale = self._fam_scale(run, loss, batch, num_items_in_batch)
         if form is not None:
-            self._fam_check_normalization(form, scale, "training", penalize)
+            divides = self._fam_divides_by_items(run, num_items_in_batch)
+            self._fam_check_normalization(form, scale, batch, divides, "training", penalize)
         penalty = batch.flatness.total * scale
         if penalize:
             self._fam_check_finite(penalty, loss)
@@ -321,24 +323,27 @@ class FAMMixin:
         refused while only measuring.
         """
         probe = self.fam_probe()
-        batch_inputs = dict(inputs)
-        labels = self._fam_labels(batch_inputs)
         run = self._fam_run
+        label_names = getattr(self, "label_names", None) or ["labels"]
+        batches = certificate_batches(dict(inputs), label_names[0] if len(label_names) == 1 else None, probe.task)
 
-        def run_loss() -> torch.Tensor:
+        def run_loss(batch_inputs: dict[str, Any]) -> torch.Tensor:
             result = super(FAMMixin, self).compute_loss(
                 model, dict(batch_inputs), num_items_in_batch=num_items_in_batch
             )
             return result[0] if isinstance(result, tuple) else result
 
         fused_logits = probe.fused_logits if probe.fused else None
-        curvature = model_curvature(run_loss, probe.replacing_output, self._fam_isolated, fused_logits, self.args.seed)
+        curvature, batch = certified_curvature(
+            batches, run_loss, probe.replacing_output, self._fam_isolated, fused_logits, self.args.seed
+        )
         if run is not None:
             run.raw_loss.clear()  # the reruns' recorded losses are not this step's
         if curvature is None:
             self._fam_seen([], probe)
         forms = probe.task.forms(self.model, probe.head_name)
-        checks = check_forms(curvature, forms, batch_inputs, labels)
+        labels = self._fam_labels(batch.inputs)
+        checks = check_forms(curvature, forms, batch.inputs, labels, whole=batch.whole)
         flags = torch.tensor(
             [float(c.counted and not c.agrees) for c in checks] + [float(not any(c.counted for c in checks))],
             device=self.args.device,
@@ -363,10 +368,12 @@ class FAMMixin:
         probe.task = chosen.form
         return chosen if chosen.counted else None
 
-    def _fam_check_normalization(self, form: FormCheck, scale, where: str, penalize: bool) -> None:
+    def _fam_check_normalization(
+        self, form: FormCheck, scale, batch: BatchFlatness, divides_by_items: bool | None, where: str, penalize: bool
+    ) -> None:
         """Refuse (or, only measuring, warn about) a penalty scaled unlike the loss the certificate measured."""
         value = float(scale)
-        if form.normalized_as(value):
+        if form.normalized_like(value, float(batch.flatness.rows), divides_by_items):
             return
         message = normalization_message(form.factor, value, where, self.fam_probe().head_name, self._fam_loss_source())
         if penalize:
@@ -438,9 +445,13 @@ class FAMMixin:
         returned it.
         """
         rows = batch.flatness.rows
-        divides_by_items = num_items_in_batch is not None and bool(run.uses_num_items)
+        divides_by_items = bool(self._fam_divides_by_items(run, num_items_in_batch))
         divisor = _as_tensor(num_items_in_batch, rows) if divides_by_items else rows
         return self._fam_trainer_factor(run, loss, num_items_in_batch is not None).to(rows) / divisor.to(rows.dtype)
+
+    def _fam_divides_by_items(self, run: FAMRun, num_items_in_batch) -> bool | None:
+        """Whether the loss divides by ``num_items_in_batch`` (read off its graph); ``None`` where it was not read."""
+        return False if num_items_in_batch is None else run.uses_num_items
 
     def _fam_trainer_factor(self, run: FAMRun, loss: torch.Tensor, given_items: bool) -> torch.Tensor:
         """The Trainer's factor after the model: the returned loss over the recorded one, read on the first batch

@@ -1,0 +1,190 @@
+"""The certificate's batch: a part of the first batch, bounded in size, that shows what the certificate looks for.
+
+The certificate reruns the model's loss as a function of the head's output at three probe points, in float64, with
+a double-backward graph: about a hundred bytes per logit. On a language model's whole batch (8 x 2048 tokens of a
+128k vocabulary: 2e9 logits) that is more than any machine has, while the form of a loss does not depend on how many
+rows it is shown. So the reruns see at most :data:`CERTIFICATE_POSITIONS` input positions, whatever the batch's size:
+
+- examples are chosen to keep what only shows across rows: the examples with the most and the fewest counted labels
+  (per-sequence weighting shows only between sequences of different counted lengths), and examples with different
+  labels (per-class or per-example weights);
+- a sequence longer than its share of the budget is cut to a window, placed so that it holds the example's last
+  counted labels (a prompt masked with -100 stays out of it);
+- where cutting made counted lengths equal that differed in the batch, the shorter examples' windows ignore some of
+  their labels, so the windows' counted lengths keep the batch's order.
+
+Every input tensor must be cut alike: a batch with a tensor that is not laid out by example (packed sequences'
+``cu_seq_lens``, say) is certified whole. The certificate is self-consistent on the part it sees (the model's loss
+and the assumed one read the same inputs), and the normalization is compared in that part's units (see
+:attr:`CertificateBatch.whole`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .rows import CAUSAL_LM, GROUPED_KINDS, IGNORE_INDEX, HeadTask
+
+# Input positions (tokens, or examples of inputs without tokens) the certificate's reruns see at most.
+CERTIFICATE_POSITIONS = 128
+# Never cut a sequence shorter than this many positions.
+MINIMUM_WINDOW = 8
+
+
+@dataclass
+class CertificateBatch:
+    """The inputs the certificate reruns the loss on, and how they relate to the batch."""
+
+    inputs: dict[str, Any]
+    whole: bool  # the batch itself: the loss's normalization is then compared in the batch's units
+    examples: int | None = None  # examples kept
+    window: int | None = None  # positions kept per sequence, when sequences were cut
+
+
+def certificate_batches(
+    inputs: dict[str, Any], label_key: str | None, task: HeadTask, budget: int | None = None
+) -> list[CertificateBatch]:
+    """Return the batches to certify on, the preferred first: cut (examples and windows), examples only, whole.
+
+    A later one is tried only where an earlier one makes the model raise (a model that needs its whole sequence).
+    The batch itself is the only one when it is within ``budget`` (:data:`CERTIFICATE_POSITIONS`) or cannot be cut.
+    """
+    budget = CERTIFICATE_POSITIONS if budget is None else budget
+    whole = CertificateBatch(dict(inputs), whole=True)
+    size = _batch_size(inputs, label_key)
+    if size is None or not _by_example(inputs, size):
+        return [whole]
+    labels = inputs.get(label_key) if label_key else None
+    labels = labels if isinstance(labels, torch.Tensor) else None
+    length = _sequence_length(inputs)
+    per_example = length if length is not None else 1
+    if size * per_example <= budget:
+        return [whole]
+    keep = max(2, budget // per_example) if length is not None else max(2, budget // 64)
+    chosen = _choose_examples(labels, size, min(keep, size))
+    examples = {k: _take(v, chosen) for k, v in inputs.items()}
+    candidates = [CertificateBatch(examples, whole=False, examples=len(chosen))]
+    window = max(budget // len(chosen), MINIMUM_WINDOW)
+    if length is not None and length > window and task.kind not in GROUPED_KINDS:
+        cut = _cut(examples, label_key, length, window, task)
+        if cut is not None:
+            candidates.insert(0, CertificateBatch(cut, whole=False, examples=len(chosen), window=window))
+    return candidates + [whole]
+
+
+def _batch_size(inputs: dict[str, Any], label_key: str | None) -> int | None:
+    for key in (label_key, "input_ids", "pixel_values", "input_values", "input_features", "inputs_embeds"):
+        value = inputs.get(key) if key else None
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return value.shape[0]
+    return None
+
+
+def _by_example(inputs: dict[str, Any], size: int) -> bool:
+    """Whether every input is laid out by example (or is a scalar), so that examples can be taken from all alike."""
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor):
+            if value.dim() >= 1 and value.shape[0] != size:
+                return False
+        elif not (value is None or isinstance(value, (bool, int, float, str))):
+            return False
+    return True
+
+
+def _sequence_length(inputs: dict[str, Any]) -> int | None:
+    ids = inputs.get("input_ids")
+    return ids.shape[1] if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+
+
+def _counted(labels: torch.Tensor | None, size: int) -> torch.Tensor:
+    """Each example's number of counted labels (1 for an example-level label)."""
+    if labels is None or labels.is_floating_point() or labels.dim() < 2:
+        return torch.ones(size, dtype=torch.long)
+    return (labels != IGNORE_INDEX).reshape(size, -1).sum(-1).cpu()
+
+
+def _choose_examples(labels: torch.Tensor | None, size: int, keep: int) -> list[int]:
+    """The examples the certificate sees: the most and the fewest counted labels, then new labels, in batch order."""
+    counted = _counted(labels, size)
+    candidates = [i for i in range(size) if counted[i] > 0] or list(range(size))
+    chosen = [max(candidates, key=lambda i: int(counted[i])), min(candidates, key=lambda i: int(counted[i]))]
+    if labels is not None and not labels.is_floating_point() and labels.dim() == 1:
+        seen = {int(labels[i]) for i in chosen}
+        for i in candidates:
+            if int(labels[i]) not in seen:
+                seen.add(int(labels[i]))
+                chosen.append(i)
+    order = list(dict.fromkeys(chosen + candidates + list(range(size))))
+    return sorted(order[:keep])
+
+
+def _take(value: Any, index: list[int]) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() >= 1:
+        return value[torch.tensor(index, device=value.device)]
+    return value
+
+
+def _cut(
+    inputs: dict[str, Any], label_key: str | None, length: int, window: int, task: HeadTask
+) -> dict[str, Any] | None:
+    """Cut every position dimension of ``length`` to ``window`` positions per example, or ``None`` if no labels
+    would count in the windows."""
+    labels = inputs.get(label_key) if label_key else None
+    token_labels = isinstance(labels, torch.Tensor) and not labels.is_floating_point() and labels.dim() == 2
+    token_labels = token_labels and labels.shape[1] == length
+    size = inputs["input_ids"].shape[0]
+    starts = [0] * size
+    if token_labels:
+        for k in range(size):
+            counted = (labels[k] != IGNORE_INDEX).nonzero()
+            last = int(counted.max()) + 1 if counted.numel() else length
+            starts[k] = min(max(last - window, 0), length - window)
+    positions = torch.stack([torch.arange(s, s + window) for s in starts])
+    cut = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            for dim in range(1, value.dim()):
+                if value.shape[dim] == length:
+                    value = _gather_positions(value, dim, positions.to(value.device))
+        cut[key] = value
+    if token_labels:
+        cut[label_key] = _keep_counted_order(labels, cut[label_key], task)
+        if not bool((cut[label_key] != IGNORE_INDEX).any()):
+            return None
+    return cut
+
+
+def _gather_positions(value: torch.Tensor, dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """``value`` with dimension ``dim`` cut to each example's positions (``positions`` is ``examples x window``)."""
+    shape = [positions.shape[0]] + [1] * (value.dim() - 1)
+    shape[dim] = positions.shape[1]
+    index = positions.reshape(shape).expand(*[positions.shape[1] if d == dim else s for d, s in enumerate(value.shape)])
+    return value.gather(dim, index)
+
+
+def _keep_counted_order(full: torch.Tensor, windowed: torch.Tensor, task: HeadTask) -> torch.Tensor:
+    """Windowed labels whose counted lengths are ordered as the full sequences' were (some ignored where needed).
+
+    A causal LM's loss pairs position t with label t + 1, so a window's first label is never counted there: the
+    counts are taken as the loss takes them.
+    """
+    shift = 1 if task.kind == CAUSAL_LM else 0
+    total = (full[:, shift:] != IGNORE_INDEX).sum(-1).tolist()
+    windowed = windowed.clone()
+    counted = (windowed[:, shift:] != IGNORE_INDEX).sum(-1).tolist()
+    if len(set(total)) < 2 or max(counted) < 2:
+        return windowed
+    most = max(total)
+    top = max(c for c, t in zip(counted, total) if t == most)
+    for k, (full_count, now) in enumerate(zip(total, counted)):
+        if full_count >= most:
+            continue
+        target = max(1, min(now, top * full_count // most, top - 1))
+        drop = now - target
+        if drop > 0:
+            positions = (windowed[k, shift:] != IGNORE_INDEX).nonzero().squeeze(-1)[:drop] + shift
+            windowed[k, positions] = IGNORE_INDEX
+    return windowed

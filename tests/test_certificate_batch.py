@@ -1,0 +1,188 @@
+"""The certificate's batch: a bounded part of the first batch that still shows what only the batch would show.
+
+The certificate reruns the loss at three probe points in float64; on a language model's whole batch that is about a
+hundred bytes per logit. These tests check that the part it sees is bounded, that it keeps the examples that show
+per-sequence weighting and a z-loss (on a batch whose first rows alone would not show them), and that a loss the
+penalty reproduces is still certified, and exact, when the certificate saw only a part of the batch.
+"""
+
+import copy
+import functools
+
+import pytest
+import torch
+from tiny_models import as_dataset, assert_updates_close, build, collator, sgd_args, snapshot, updates
+from torch import nn
+
+import fam_hf.certificate_batch as certificate_batch
+from fam_hf import FAMTrainer
+from fam_hf.certificate import LossMismatchError
+from fam_hf.certificate_batch import certificate_batches
+from fam_hf.reference import model_hessian_relative_flatness
+from fam_hf.rows import CAUSAL_LM, SEQUENCE, HeadTask
+
+LAMBDA = 0.7
+LENGTH = 40  # positions per sequence: 6 x 40 = 240, beyond a budget of 64
+
+
+def _lm_batch(size: int = 6, length: int = LENGTH) -> dict[str, torch.Tensor]:
+    """A causal-LM batch whose first two sequences count as many labels as each other (a prompt of 10 masked), and
+    whose later ones count fewer: only the later rows show per-sequence weighting."""
+    generator = torch.Generator().manual_seed(5)
+    input_ids = torch.randint(2, 40, (size, length), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :10] = -100
+    for k, end in enumerate([length, length, 30, 24, 35, 18][:size]):
+        labels[k, end:] = -100
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+def _counted(labels: torch.Tensor) -> list[int]:
+    return (labels[:, 1:] != -100).sum(-1).tolist()
+
+
+def test_a_batch_within_the_budget_is_certified_whole():
+    batch = _lm_batch(size=2, length=20)
+    (only,) = certificate_batches(batch, "labels", HeadTask(CAUSAL_LM), budget=64)
+    assert only.whole and only.inputs.keys() == batch.keys()
+
+
+def test_a_long_batch_is_cut_to_the_budget_keeping_the_longest_and_the_shortest_sequence():
+    batch = _lm_batch()
+    cut, examples, whole = certificate_batches(batch, "labels", HeadTask(CAUSAL_LM), budget=64)
+    assert (cut.examples, cut.window, examples.window) == (2, 32, None) and whole.whole
+    assert all(v.shape == (2, 32) for v in cut.inputs.values()), "every input cut alike"
+    assert cut.inputs["input_ids"].numel() <= 64
+    chosen = [0, 5]  # the most counted labels (the first of the two longest) and the fewest
+    assert torch.equal(examples.inputs["input_ids"], batch["input_ids"][chosen])
+    # each window ends at its sequence's last counted label, so the masked prompt stays out where it can
+    assert torch.equal(cut.inputs["input_ids"][0], batch["input_ids"][0, LENGTH - 32 :])
+    assert torch.equal(cut.inputs["input_ids"][1], batch["input_ids"][5, 0:32])
+    full, windowed = _counted(batch["labels"][chosen]), _counted(cut.inputs["labels"])
+    assert full[0] > full[1] and windowed[0] > windowed[1] > 0, "the windows keep the sequences' order of lengths"
+
+
+def test_equal_windows_of_unequal_sequences_are_made_unequal():
+    """Two sequences counting 39 and 25 labels both fill a window of 16: the shorter one's window then ignores some,
+    so that per-sequence weighting still shows."""
+    batch = _lm_batch(size=3)
+    cut = certificate_batches(batch, "labels", HeadTask(CAUSAL_LM), budget=32)[0]
+    counted = _counted(cut.inputs["labels"])
+    assert cut.window == 16 and counted[0] == 15 and 0 < counted[1] < counted[0]
+
+
+def test_a_classifier_batch_keeps_examples_of_different_labels():
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(2, 40, (16, 100), generator=generator),
+        "labels": torch.tensor([0] * 12 + [1, 2, 0, 0]),
+    }
+    cut = certificate_batches(batch, "labels", HeadTask(SEQUENCE), budget=64)[0]
+    assert cut.inputs["labels"].tolist() == [0, 1]
+    assert cut.inputs["input_ids"].shape == (2, 32)
+
+
+def test_a_batch_not_laid_out_by_example_is_certified_whole():
+    batch = _lm_batch()
+    batch["cu_seq_lens_q"] = torch.tensor([0, 40, 80])  # packed sequences' boundaries: not one row per example
+    (only,) = certificate_batches(batch, "labels", HeadTask(CAUSAL_LM), budget=64)
+    assert only.whole
+
+
+class _Seen:
+    """Records the inputs of every forward pass of a model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+        model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        self.shapes.append(tuple(kwargs["input_ids"].shape))
+
+
+def _train(model, batch, tmp_path, **kwargs):
+    before = snapshot(model)
+    trainer = FAMTrainer(
+        model=model,
+        args=sgd_args(tmp_path, batch_size=len(batch["input_ids"]), fam_lambda=LAMBDA, fam_gradient="full"),
+        train_dataset=as_dataset(batch),
+        data_collator=collator(torch.float64),
+        **kwargs,
+    )
+    trainer.train()
+    return updates(before, model)
+
+
+def _model_loss_update(model, batch, fam_lambda: float, lr: float = 0.5):
+    model = copy.deepcopy(model)
+    model.train()
+    total = model(**batch).loss + fam_lambda * model_hessian_relative_flatness(model, batch, differentiable=True)
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    grads = torch.autograd.grad(total, params, allow_unused=True)
+    return {n: (-lr * g if g is not None else torch.zeros_like(p)) for n, p, g in zip(names, params, grads)}
+
+
+def test_the_model_loss_certified_on_a_cut_batch_gives_the_exact_penalty_of_the_whole_batch(tmp_path, monkeypatch):
+    monkeypatch.setattr(certificate_batch, "CERTIFICATE_POSITIONS", 64)
+    model = build("llama", "causal_lm")
+    model.config.max_position_embeddings = LENGTH
+    batch = _lm_batch()
+    expected = _model_loss_update(model, batch, LAMBDA)
+    seen = _Seen(model)
+    actual = _train(model, batch, tmp_path)
+    assert_updates_close(actual, expected, rtol=1e-6)
+    assert (2, 32) in seen.shapes and max(s[0] * s[1] for s in seen.shapes[:-1]) <= 64, "the reruns saw the cut"
+    assert seen.shapes[-1] == (6, LENGTH), "the step itself trained on the whole batch"
+
+
+def _shifted_token_losses(outputs, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = outputs.logits[:, :-1]
+    targets = labels[:, 1:]
+    losses = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
+    )
+    return losses.reshape(targets.shape), (targets != -100)
+
+
+def _per_sequence_mean(outputs, labels, num_items_in_batch=None):
+    losses, counted = _shifted_token_losses(outputs, labels)
+    return ((losses * counted).sum(-1) / counted.sum(-1).clamp_min(1)).mean()
+
+
+def _z_loss(outputs, labels, num_items_in_batch=None):
+    losses, counted = _shifted_token_losses(outputs, labels)
+    z = torch.logsumexp(outputs.logits[:, :-1], -1).square()
+    return ((losses + 1e-2 * z) * counted).sum() / counted.sum()
+
+
+@pytest.mark.parametrize("loss_func", [_per_sequence_mean, _z_loss])
+def test_a_loss_fam_hf_cannot_compute_is_refused_on_a_cut_batch(loss_func, tmp_path, monkeypatch):
+    """Per-sequence weighting and a z-loss on a long LM batch: the certificate sees 64 of its 240 positions (the first
+    two sequences alone count as many labels as each other) and still refuses before any update."""
+    monkeypatch.setattr(certificate_batch, "CERTIFICATE_POSITIONS", 64)
+    model = build("llama", "causal_lm")
+    before = snapshot(model)
+    with pytest.raises(LossMismatchError, match="matches none of the forms"):
+        _train(model, _lm_batch(), tmp_path, compute_loss_func=loss_func)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_a_model_that_needs_its_whole_sequence_is_certified_on_whole_examples(tmp_path, monkeypatch, caplog):
+    """A model that raises on a cut sequence: the certificate falls back to whole examples, and says so."""
+    monkeypatch.setattr(certificate_batch, "CERTIFICATE_POSITIONS", 64)
+    model = build("llama", "causal_lm")
+    batch = _lm_batch()
+    expected = _model_loss_update(model, batch, LAMBDA)
+    forward = model.forward
+
+    @functools.wraps(forward)  # the Trainer keeps the columns the forward's signature names
+    def whole_sequences_only(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] != LENGTH:
+            raise ValueError("this model takes sequences of 40 positions")
+        return forward(*args, **kwargs)
+
+    model.forward = whole_sequences_only
+    with caplog.at_level("INFO", logger="fam_hf.certificate"):
+        actual = _train(model, batch, tmp_path)
+    assert_updates_close(actual, expected, rtol=1e-6)
+    assert "failed (this model takes sequences of 40 positions); trying 2 examples of the batch" in caplog.text
