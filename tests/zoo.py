@@ -163,20 +163,43 @@ def brute_force(
 
 
 class _Examples(torch.utils.data.Dataset):
-    """A batch as a dataset of examples, collated back by stacking (:func:`_stack`)."""
+    """A batch as a dataset of examples, collated back by stacking (:func:`_stack`).
+
+    A tensor whose first dimension is a multiple of the batch (Qwen-VL's flattened patches: the images' rows one
+    after another) is split into equal chunks, one per example, and concatenated back.
+    """
 
     def __init__(self, batch: dict[str, torch.Tensor]):
         self.batch = batch
+        self.size = min(len(v) for v in batch.values())
 
     def __len__(self) -> int:
-        return len(next(iter(self.batch.values())))
+        return self.size
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {k: v[index] for k, v in self.batch.items()}
+        return {
+            k: _Chunk(v[index * (len(v) // self.size) : (index + 1) * (len(v) // self.size)])
+            if len(v) > self.size
+            else v[index]
+            for k, v in self.batch.items()
+        }
+
+
+class _Chunk(torch.Tensor):
+    """An example's chunk of a flattened tensor: collated by concatenation."""
+
+    @staticmethod
+    def __new__(cls, tensor):
+        return tensor.as_subclass(cls)
 
 
 def _stack(examples: list[dict]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+    return {
+        k: torch.cat([e[k].as_subclass(torch.Tensor) for e in examples])
+        if isinstance(examples[0][k], _Chunk)
+        else torch.stack([e[k] for e in examples])
+        for k in examples[0]
+    }
 
 
 def step_args(output_dir: str, args_class=FAMTrainingArguments, bf16: bool = False, **fam) -> Any:

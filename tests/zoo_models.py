@@ -30,6 +30,10 @@ MAPPINGS = {
     "multiple_choice": "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES",
     "speech_seq2seq": "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
     "audio_classification": "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES",
+    "image_text_to_text": "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",  # batches of these four: zoo_tasks.py
+    "ctc": "MODEL_FOR_CTC_MAPPING_NAMES",
+    "semantic_segmentation": "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES",
+    "audio_frame_classification": "MODEL_FOR_AUDIO_FRAME_CLASSIFICATION_MAPPING_NAMES",
 }
 # sizes of the tiny models
 HIDDEN, FFN, HEADS, HEAD_DIM, LAYERS, VOCAB, POSITIONS, LABELS = 16, 32, 2, 8, 2, 64, 64, 3
@@ -423,6 +427,10 @@ def tiny_config(case: Case) -> PretrainedConfig:
     }.items():
         _set(config, key, value)
     _reserve_special_ids(config)
+    if case.mapping in ("image_text_to_text",):
+        import zoo_tasks
+
+        zoo_tasks.adjust_config(case, config)
     if case.variant == "router_loss":
         config.output_router_logits = True
         config.router_aux_loss_coef = 0.5
@@ -616,7 +624,36 @@ def make_batch(case: Case, model: nn.Module, seed: int = 1, size: int = BATCH) -
     (a decoder classifier must find the last real token), multiple choice a choices dimension.
     """
     failures = []
-    for candidate in _main_input_candidates(model, torch.Generator().manual_seed(seed), size):
+    for batch in _candidate_batches(case, model, seed, size):
+        if isinstance(batch, Exception):
+            failures.append(first_line(batch))
+            continue
+        for drop in ((), ("attention_mask",)):
+            trial = {k: v for k, v in batch.items() if k not in drop}
+            try:
+                first, second = (_loss(model, trial, seed=s) for s in (0, 1))
+            except Exception as error:  # noqa: BLE001 - any failure is a reason to try the next shape
+                failures.append(first_line(error))
+                continue
+            if not torch.isfinite(first):
+                failures.append(f"the loss is {float(first)}")
+                continue
+            if not torch.equal(first, second):
+                raise RuntimeError("the training-mode loss is random (it differs between two seeds)")
+            return trial
+    raise RuntimeError(failures[0] if failures else "no input shape fits")
+
+
+def _candidate_batches(case: Case, model: nn.Module, seed: int, size: int):
+    """Yield labelled candidate batches (or the error that stopped one), in order of likelihood."""
+    main = _main_input_candidates(model, torch.Generator().manual_seed(seed), size)
+    if case.mapping in ("image_text_to_text", "ctc", "semantic_segmentation", "audio_frame_classification"):
+        import zoo_tasks
+
+        for batch in zoo_tasks.candidates(case, model, main, torch.Generator().manual_seed(seed + 1), size):
+            yield getattr(batch, "error", batch)
+        return
+    for candidate in main:
         generator = torch.Generator().manual_seed(seed + 1)
         batch = dict(candidate)
         ids = batch.get("input_ids")
@@ -641,20 +678,7 @@ def make_batch(case: Case, model: nn.Module, seed: int = 1, size: int = BATCH) -
             batch["input_ids"][..., [2, 3, SEQ - 1]] = model.config.sep_token_id
         batch.update(_labels(case, model, candidate, generator, size))
         batch.update(_extra_inputs(case, model, batch, generator, size))
-        for drop in ((), ("attention_mask",)):
-            trial = {k: v for k, v in batch.items() if k not in drop}
-            try:
-                first, second = (_loss(model, trial, seed=s) for s in (0, 1))
-            except Exception as error:  # noqa: BLE001 - any failure is a reason to try the next shape
-                failures.append(first_line(error))
-                continue
-            if not torch.isfinite(first):
-                failures.append(f"the loss is {float(first)}")
-                continue
-            if not torch.equal(first, second):
-                raise RuntimeError("the training-mode loss is random (it differs between two seeds)")
-            return trial
-    raise RuntimeError(failures[0] if failures else "no input shape fits")
+        yield batch
 
 
 def _loss(model: nn.Module, batch: dict, seed: int = 0, **kwargs) -> torch.Tensor:
