@@ -9,6 +9,10 @@ Runs :func:`zoo.run_case` (``tests/zoo.py``) on every case of :func:`zoo.cases` 
     python benchmarks/zoo_coverage.py --shard 1/4 --out benchmarks/results/zoo_coverage.1of4.json
     python benchmarks/zoo_coverage.py --render a.json b.json  # merge shards, write the JSON and docs/coverage.md
     python benchmarks/zoo_coverage.py --only 'Bart|Marian'    # a regular expression over case ids
+    python benchmarks/zoo_coverage.py --mappings ctc,semantic_segmentation  # these mappings, merged into the rest
+
+With ``--mappings`` the other mappings' results in ``--out`` are kept: the new ones replace only their own, each
+mapping records when and at which versions it was swept (``swept``), and docs/coverage.md is rendered from the whole.
 """
 
 from __future__ import annotations
@@ -33,12 +37,19 @@ DOCS = ROOT / "docs" / "coverage.md"
 TIME_LIMIT_S = 600
 
 
-def all_cases(only: str | None = None, shard: tuple[int, int] | None = None) -> list:
+def all_cases(only: str | None = None, shard: tuple[int, int] | None = None, mappings: list[str] | None = None) -> list:
     """Return the sweep's cases: every (mapping, class), then the named variants; filtered and sharded."""
     import zoo
 
     found = {case.id: case for case in [*zoo.cases(), *zoo.named_cases()]}
-    selected = [case for case in found.values() if only is None or re.search(only, case.id)]
+    unknown = set(mappings or ()) - set(zoo.MAPPINGS)
+    if unknown:
+        raise SystemExit(f"unknown mappings {sorted(unknown)}; the zoo's are {list(zoo.MAPPINGS)}")
+    selected = [
+        case
+        for case in found.values()
+        if (only is None or re.search(only, case.id)) and (mappings is None or case.mapping in mappings)
+    ]
     if shard is not None:
         index, count = shard
         selected = selected[index - 1 :: count]
@@ -156,14 +167,29 @@ def write_json(path: Path, header: dict, results: list[dict]) -> None:
     partial.replace(path)
 
 
-def sweep(cases: list, out: Path, gradient: str, resume: bool, limit: float, commit: str | None = None) -> list[dict]:
-    """Run the cases, rewriting ``out`` after each; with ``resume``, keep the results ``out`` already has."""
+def sweep(
+    cases: list,
+    out: Path,
+    gradient: str,
+    resume: bool,
+    limit: float,
+    commit: str | None = None,
+    keep: dict | None = None,
+) -> list[dict]:
+    """Run the cases, rewriting ``out`` after each; with ``resume``, keep the results ``out`` already has.
+
+    ``keep`` is an earlier sweep (``--mappings``): its results of the mappings not run here are written along, in the
+    sweep's order, and its per-mapping provenance (``swept``) is kept for them.
+    """
     header = provenance(gradient)
     if commit:
         header["commit"] = commit
+    mine = {case.mapping for case in cases}
+    kept = [r for r in (keep or {}).get("results", []) if r["mapping"] not in mine]
+    header["swept"] = {m: p for m, p in _swept(keep or {}).items() if m not in mine}
     done = {}
     if resume and out.exists():
-        done = {r["case"]: r for r in json.loads(out.read_text())["results"]}
+        done = {r["case"]: r for r in json.loads(out.read_text())["results"] if r["mapping"] in mine}
     results = [done[c.id] for c in cases if c.id in done]
     worker = Worker(gradient)
     start = time.perf_counter()
@@ -173,9 +199,13 @@ def sweep(cases: list, out: Path, gradient: str, resume: bool, limit: float, com
                 continue
             result = worker.run(case, limit)
             results.append(result)
-            header["sweep_seconds"] = round(time.perf_counter() - start, 1)
-            header["complete"] = number == len(cases)
-            write_json(out, header, results)
+            seconds = round(time.perf_counter() - start, 1)
+            complete = number == len(cases)
+            for mapping in sorted(mine):
+                header["swept"][mapping] = {**_versions(header), "seconds": seconds, "complete": complete}
+            header["sweep_seconds"] = round(sum(r.get("seconds", 0) for r in kept) + seconds, 1)
+            header["complete"] = complete and all(p.get("complete", True) for p in header["swept"].values())
+            write_json(out, header, _in_order([*kept, *results]))
             print(
                 f"[{number}/{len(cases)}] {case.id}: {result['verdict']} {result.get('reason', '')[:120]}", flush=True
             )
@@ -184,6 +214,28 @@ def sweep(cases: list, out: Path, gradient: str, resume: bool, limit: float, com
             worker.connection.send(None)
         worker.stop()
     return results
+
+
+VERSIONS = ("date", "transformers", "torch", "commit", "fam_hf_modified")
+
+
+def _versions(header: dict) -> dict:
+    return {k: header.get(k) for k in VERSIONS}
+
+
+def _swept(data: dict) -> dict:
+    """Return each mapping's provenance in a sweep: its ``swept`` entry, else the sweep's header (an older JSON)."""
+    swept = dict(data.get("swept") or {})
+    for mapping in dict.fromkeys(r["mapping"] for r in data.get("results", [])):
+        if mapping not in swept:
+            swept[mapping] = {**_versions(data), "complete": data.get("complete", True)}
+    return swept
+
+
+def _in_order(results: list[dict]) -> list[dict]:
+    """The results in the sweep's order (cases no longer in the zoo last)."""
+    order = {case.id: i for i, case in enumerate(all_cases())}
+    return sorted(results, key=lambda r: order.get(r["case"], len(order)))
 
 
 # ---- docs/coverage.md ---------------------------------------------------------------------------------------------
@@ -226,12 +278,7 @@ def render(data: dict) -> str:
         "train without FAM). The harness is `tests/zoo.py`; `tests/test_zoo.py` runs a sample in the default suite and "
         "the whole sweep with `-m slow`.",
         "",
-        f"Swept {data.get('date', '?')} with transformers {data.get('transformers')}, torch {data.get('torch')}, "
-        f"fam_hf at `{data.get('commit')}`"
-        + (" with uncommitted changes" if data.get("fam_hf_modified") else "")
-        + f"; {len(results)} cases in {data.get('sweep_seconds', 0) / 60:.0f} minutes"
-        + ("" if data.get("complete", True) else " (**incomplete**)")
-        + ".",
+        _provenance_sentence(data, results),
         "",
         f"**{len(exact)} of {len(built)} built architectures exact ({100 * len(exact) / max(len(built), 1):.1f}%)**, "
         f"{sum(r['verdict'] == 'wrong' for r in results)} silently wrong (variants included).",
@@ -275,6 +322,29 @@ def render(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _provenance_sentence(data: dict, results: list[dict]) -> str:
+    """Say when and at which versions each mapping was swept (mappings swept together share a clause)."""
+    groups = defaultdict(list)
+    for mapping, prov in _swept(data).items():
+        key = tuple(prov.get(k) for k in VERSIONS) + (prov.get("complete", True),)
+        groups[key].append(mapping)
+    clauses = []
+    for (date, transformers, torch, commit, modified, complete), mappings in groups.items():
+        which = "" if len(groups) == 1 else " (" + ", ".join(mappings) + ")"
+        clauses.append(
+            f"swept {date or '?'} with transformers {transformers}, torch {torch}, fam_hf at `{commit}`"
+            + (" with uncommitted changes" if modified else "")
+            + ("" if complete else " (**incomplete**)")
+            + which
+        )
+    sentence = "; ".join(clauses)
+    return (
+        sentence[0].upper()
+        + sentence[1:]
+        + f"; {len(results)} cases in {data.get('sweep_seconds', 0) / 60:.0f} minutes of sweeping."
+    )
+
+
 def _cell(text: str) -> str:
     return (text or "").replace("|", "\\|").replace("\n", " ")[:400]
 
@@ -286,6 +356,8 @@ def merge(paths: list[Path]) -> dict:
     order = [c.id for c in all_cases()]
     merged = {k: v for k, v in datas[0].items() if k != "results"}
     merged["sweep_seconds"] = sum(d.get("sweep_seconds", 0) for d in datas)
+    if any("swept" in d for d in datas):  # shards of --mappings sweeps: each mapping's provenance from its shards
+        merged["swept"] = {m: p for d in datas for m, p in _swept(d).items()}
     merged["complete"] = all(d.get("complete", False) for d in datas) and set(order) <= set(by_id)
     merged["results"] = [by_id[i] for i in order if i in by_id] + [r for i, r in by_id.items() if i not in order]
     return merged
@@ -301,6 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="keep the results --out already has")
     parser.add_argument("--time-limit", type=float, default=TIME_LIMIT_S, help="seconds per case")
     parser.add_argument("--render", nargs="*", type=Path, help="merge these JSONs into --out and render --docs")
+    parser.add_argument("--mappings", help="comma-separated mappings to sweep, merged into --out's other mappings")
     parser.add_argument("--commit", help="the fam_hf commit to record, when fam_hf is imported from elsewhere")
     args = parser.parse_args(argv)
     sys.path.append(str(TESTS))
@@ -311,8 +384,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.out} and {args.docs}")
         return
     shard = tuple(int(x) for x in args.shard.split("/")) if args.shard else None
-    cases = all_cases(args.only, shard)
-    sweep(cases, args.out, args.gradient, args.resume, args.time_limit, args.commit)
+    mappings = args.mappings.split(",") if args.mappings else None
+    cases = all_cases(args.only, shard, mappings)
+    keep = json.loads(args.out.read_text()) if mappings and args.out.exists() else None
+    sweep(cases, args.out, args.gradient, args.resume, args.time_limit, args.commit, keep)
     if shard is None and args.only is None:
         args.docs.write_text(render(json.loads(args.out.read_text())))
         print(f"wrote {args.out} and {args.docs}")
