@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .defaults import DEFAULT_MODE, DEFAULT_SHARE, GRADIENT_MODES, LOSSES
+from .defaults import DEFAULT_MODE, DEFAULT_SHARE, GRADIENT_CHOICES, LOSSES
 
 FAM_FIELDS = (
     "fam_lambda",
@@ -36,8 +36,8 @@ class FAMTrainingArguments(TrainingArguments):
             (a BERT-base classifier starts near 100, a small ViT near 10), so no fixed number is a safe default
             across models, while a share of the loss is.
         fam_share (`float` or `None`, *optional*, defaults to `None`, meaning `0.001`):
-            With `fam_lambda=None`, the penalty's share of the task loss on the first training batch, computed on
-            every row of that batch. Pilots on held-out tasks found harm from 1% (`"full"`) or 10% (`"head"`,
+            With `fam_lambda=None`, the penalty's share of the task loss on the first training batch, with the
+            penalty as the step computes it (exact, or the unbiased estimate of `fam_max_rows`). Pilots on held-out tasks found harm from 1% (`"full"`) or 10% (`"head"`,
             `"weights"`) upwards, no significant gain anywhere, and a hint of one only at 0.1% on noisy labels; so
             0.1% is the default, as the setting least likely to hurt. `docs/benchmarks.md` has the evidence as it
             stands. Setting it together with a nonzero `fam_lambda` is an error: the share would be ignored.
@@ -72,14 +72,16 @@ class FAMTrainingArguments(TrainingArguments):
 
     Parameters that control what the penalty trains:
 
-        fam_gradient (`str`, *optional*, defaults to `"head"`):
+        fam_gradient (`str`, *optional*, defaults to `"auto"`):
             `"full"`: the exact gradient of the penalty, into the head and, through the features and the
             predictions, into the backbone. `"head"`: the exact gradient with respect to the head's weight and
             bias only, features held constant, so the backbone learns from the task loss alone. `"weights"`: the
             Hessian traces held constant, as in the authors' code: a data-dependent decay of the head's weight.
-            The default is `"head"` because `"full"` can lower the penalty by shrinking the backbone's features
-            until the predictions go flat, which pilots measured as harm already at a 1% penalty share; `"head"`
-            cannot do that, and is exact for the parameters it trains.
+            `"auto"` is `"head"` where the head trains and `"full"` where it is frozen (LoRA on the backbone, the
+            most common language-model finetune), said once when training starts. `"head"` is preferred because
+            `"full"` can lower the penalty by shrinking the backbone's features until the predictions go flat,
+            which pilots measured as harm already at a 1% penalty share; `"head"` cannot do that, and is exact for
+            the parameters it trains. An explicit `"head"` or `"weights"` on a frozen head is refused.
     """
 
     fam_lambda: float | None = field(
@@ -105,7 +107,10 @@ class FAMTrainingArguments(TrainingArguments):
     fam_normalize: bool = field(default=False, metadata={"help": "Divide relative flatness by the head's input width."})
     fam_gradient: str = field(
         default=DEFAULT_MODE,
-        metadata={"help": "What the penalty trains: full, head (default) or weights.", "choices": list(GRADIENT_MODES)},
+        metadata={
+            "help": "What the penalty trains: full, head, weights, or auto (default: head, or full on a frozen head).",
+            "choices": list(GRADIENT_CHOICES),
+        },
     )
     fam_loss: str = field(
         default="auto",
@@ -154,8 +159,8 @@ class FAMTrainingArguments(TrainingArguments):
         self.fam_max_rows = _parse_max_rows(self.fam_max_rows)
         if not self.sam_rho >= 0:
             raise ValueError(f"sam_rho must be >= 0 (0 switches SAM off); got {self.sam_rho}.")
-        if self.fam_gradient not in GRADIENT_MODES:
-            raise ValueError(f"fam_gradient must be one of {GRADIENT_MODES}; got {self.fam_gradient!r}.")
+        if self.fam_gradient not in GRADIENT_CHOICES:
+            raise ValueError(f"fam_gradient must be one of {GRADIENT_CHOICES}; got {self.fam_gradient!r}.")
         if self.fam_loss not in ("auto", *LOSSES):
             raise ValueError(
                 f"fam_loss must be 'auto', 'cross_entropy', 'mse' or 'bce'; got {self.fam_loss!r}. "

@@ -88,6 +88,7 @@ class FAMRun:
     wrapped: dict[str, Any] = field(default_factory=dict)
     # what FAM did, whatever the logging schedule: training passes whose loss carried the penalty, and the last
     # relative_flatness in the units of the logged loss (a tensor: reading it would synchronize every step)
+    gradient: str | None = None  # the fam_gradient mode in use ("auto" resolved when the run starts)
     penalized_batches: int = 0
     last_relative_flatness: torch.Tensor | None = None
 

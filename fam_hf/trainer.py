@@ -33,9 +33,10 @@ from .certificate import (
 from .certificate_batch import certificate_batches
 from .config import FAMTrainingArguments
 from .evaluation import first_examples, kept_examples, padded_last_batch
-from .head import _active_module, check_effective_weight, head_shape
+from .head import check_effective_weight, head_shape
 from .model_card import create_fam_model_card
 from .probe import BatchFlatness, FlatnessProbe
+from .reach import bypassed_loss, resolve_gradient, warn_unmeasured
 from .rows import auto_max_rows
 from .run import FAMRun, FAMRunStarter, FAMState, LossRecorder, add_to, record_model_loss
 from .sam import SAMMixin, check_sam
@@ -78,10 +79,34 @@ class FAMMixin:
         self._fam_probe_model: torch.nn.Module | None = None
         self._fam_run: FAMRun | None = None
         self._fam_eval_sums: dict[str, torch.Tensor] = {}
+        self._fam_off: str | None = None  # why FAM measures nothing here (fam_lambda=0 where it cannot measure)
         self.add_callback(FAMState(settings=self.args.fam_settings()))
         self.add_callback(FAMRunStarter(self))
+        bypassed = bypassed_loss(type(self), FAMMixin)
+        if bypassed is not None:
+            self._fam_switch_off(ValueError(bypassed))
         if self.model is not None:
-            self.fam_probe()  # find the head now, so a model without one fails before training starts
+            self._fam_watchable()  # find the head now, so a model without one fails before training starts
+
+    def _fam_switch_off(self, error: ValueError) -> None:
+        """Refuse what FAM cannot compute; at ``fam_lambda=0`` say so once and run as the plain Trainer."""
+        if self.args.fam_lambda != 0:
+            raise error
+        if self._fam_off is None:
+            self._fam_off = str(error)
+            warn_unmeasured(self, self._fam_off)
+
+    def _fam_watchable(self) -> bool:
+        """Whether FAM can watch the model's head (the probe is then built); at ``fam_lambda=0`` a model whose
+        head or loss FAM cannot read switches FAM off instead of failing (:meth:`_fam_switch_off`)."""
+        if self._fam_off is not None:
+            return False
+        try:
+            self.fam_probe()
+        except ValueError as error:
+            self._fam_switch_off(error)
+            return False
+        return True
 
     # ---- the run: built when training starts, for that run's model and arguments --------------------------------
 
@@ -114,6 +139,9 @@ class FAMMixin:
             self._fam_probe.remove()
             self._fam_probe = None  # settings may have changed since the last run
         check_sam(self)
+        if not self._fam_watchable():
+            self._fam_state().fam_lambda = 0.0
+            return
         probe = self.fam_probe()
         check_effective_weight(probe.head, probe.head_name, self.args.fam_lambda != 0)
         max_rows = self.args.fam_max_rows
@@ -134,7 +162,7 @@ class FAMMixin:
         state = self._fam_state()
         state.fam_lambda, state.settings, state.probe = run.fam_lambda, self.args.fam_settings(), probe
         if run.fam_lambda != 0:
-            self._fam_check_reach(probe)
+            run.gradient = resolve_gradient(self.args.fam_gradient, probe.head, probe.head_name)
 
     def train(self, *args: Any, **kwargs: Any):
         """The Trainer's ``train``; one that raises still removes the run's loss wrappers and hooks (a run that
@@ -179,25 +207,6 @@ class FAMMixin:
             )
         return self.args.fam_lambda
 
-    def _fam_check_reach(self, probe: FlatnessProbe) -> None:
-        """Refuse a penalty that can train nothing: a frozen head in the modes that train the head alone."""
-        mode = self.args.fam_gradient
-        if mode == "full":
-            return  # the penalty also reaches the backbone through the features and predictions
-        head = _active_module(probe.head)
-        trainable = [n for n, p in head.named_parameters() if p.requires_grad]
-        if mode == "weights":
-            trainable = [n for n in trainable if not n.endswith("bias")]
-        if trainable:
-            return
-        raise ValueError(
-            f"FAM cannot act: fam_gradient={mode!r} trains only the head {probe.head_name!r}, and none of its "
-            "parameters is trainable (a frozen head, or LoRA adapters on the backbone only), so training would be "
-            "plain training while the logs showed a penalty. Choose one: fam_gradient='full' (the penalty trains the "
-            "backbone through the features); LoRA on the head (add its name to target_modules); the head in PEFT's "
-            f"modules_to_save; or fam_lambda=0 to only measure relative flatness."
-        )
-
     # ---- the penalty ------------------------------------------------------------------------------------------
 
     def compute_loss(
@@ -210,6 +219,8 @@ class FAMMixin:
         **kwargs: Any,
     ):
         """Return the Trainer's loss plus ``fam_lambda * relative_flatness`` in training; measure it in evaluation."""
+        if self._fam_off is not None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch, *args, **kwargs)
         run = self._fam_run
         if not model.training or run is None:
             return self._fam_measure(model, inputs, return_outputs, num_items_in_batch, *args, **kwargs)
@@ -222,7 +233,7 @@ class FAMMixin:
         with run.probe.watch(
             inputs,
             self._fam_labels(inputs),
-            gradient=self.args.fam_gradient if penalize else None,
+            gradient=run.gradient if penalize else None,
             sample=True,  # a calibration too: from the unbiased estimate, so the first step costs what the others do
         ) as seen:
             result = super().compute_loss(
@@ -553,7 +564,7 @@ class FAMMixin:
             settings = {
                 **self.args.fam_settings(),
                 "resolved_fam_lambda": self.fam_lambda,
-                "head": self.fam_probe().head_name,
+                "head": None if self._fam_off is not None else self.fam_probe().head_name,
             }
             with open(os.path.join(output_dir, FAM_CONFIG_NAME), "w") as handle:
                 json.dump(settings, handle, indent=2)

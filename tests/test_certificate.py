@@ -220,9 +220,9 @@ def test_fam_on_trl_dpo_is_refused_with_the_callback_as_the_way_to_measure(tmp_p
         trainer.train()
 
 
-def test_a_subclass_whose_compute_loss_bypasses_fam_is_refused_on_its_first_step(tmp_path):
+def test_a_subclass_whose_compute_loss_bypasses_fam_is_refused_when_built(tmp_path):
     model = build("bert", "sequence")
-    with pytest.raises(RuntimeError, match="OverridingTrainer.compute_loss.*super\\(\\).compute_loss"):
+    with pytest.raises(ValueError, match="OverridingTrainer.compute_loss never calls FAM's.*super\\(\\).compute_loss"):
         _step(model, batch_for(model), tmp_path, trainer_cls=OverridingTrainer, fam_lambda=LAMBDA)
 
 
