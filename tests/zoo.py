@@ -34,6 +34,7 @@ import torch
 import transformers
 from torch import nn
 from transformers import Trainer
+from zoo_batches import make_batch
 from zoo_models import (  # noqa: F401 - the cases are part of the harness's interface
     BATCH,
     MAPPINGS,
@@ -42,7 +43,6 @@ from zoo_models import (  # noqa: F401 - the cases are part of the harness's int
     build,
     cases,
     first_line,
-    make_batch,
     named_cases,
 )
 
