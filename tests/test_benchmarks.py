@@ -220,3 +220,35 @@ def test_the_stored_lm_study_holds_every_run_and_gives_the_readme_its_numbers():
         cited("headlines", "fam:full@0.03", "confirmation"),
     ):
         assert text in readme
+
+
+def test_first_batch_child_measures_a_whole_run_and_the_parent_reports_a_failed_child(tmp_path):
+    """One child of ``benchmarks/first_batch.py`` (FAM at the defaults, tiny Llama, 3 steps) reports positive peak
+    memory and step times; the parent's summary and table take it; a child under a too small address-space limit
+    comes back as ``failed: ...``, not as a crash of the benchmark."""
+    import argparse
+
+    from benchmarks.first_batch import run_child, summarize, table
+
+    out = tmp_path / "child.json"
+    child = ("--child", "--shape", "tiny", "--arm", "fam", "--threads", "1", "--result", str(out))
+    _run_script("benchmarks/first_batch.py", *child, tmp_path=tmp_path)
+    result = json.loads(out.read_text())
+    assert result["status"] == "ok" and result["steps_done"] == 3 and len(result["step_times_s"]) == 3
+    for key in ("peak_bytes", "peak_rss_bytes", "peak_rss_before_train_bytes", "first_step_s", "steady_step_s"):
+        assert result[key] > 0, key
+    assert result["peak_bytes"] >= result["peak_rss_before_train_bytes"]
+    assert result["fam_lambda"] > 0  # calibrated on the first batch
+    assert Path(result["fam_hf_file"]).resolve().is_relative_to(ROOT / "fam_hf")  # the checkout's, not another
+
+    plain = {**result, "peak_bytes": result["peak_bytes"] / 2, "first_step_s": result["first_step_s"] / 4}
+    summary = summarize({"plain": [plain | {"load_1min_before": 0.5}], "fam": [result | {"load_1min_before": 0.5}]})
+    assert summary["plain"]["peak_ratio"] == 1.0 and summary["fam"]["peak_ratio"] == pytest.approx(2.0)
+    assert summary["fam"]["first_ratio"] == pytest.approx(4.0) and summary["fam"]["steady_ratio"] == 1.0
+
+    settings = dict(limit_as=0.2, limit_method="setrlimit", steps=1, threads=1, device="cpu", nice=0)
+    failed = run_child("tiny", "plain", argparse.Namespace(**settings))
+    assert failed["status"].startswith("failed: ") and failed["load_1min_before"] >= 0
+    runs = {"plain": [failed], "fam": [result | {"load_1min_before": 0.5}]}
+    text = table({"shapes": {"tiny": {"limit_as_gib": 0.2, "runs": runs, "summary": summarize(runs)}}})
+    assert failed["status"] in text and "0.2 GiB" in text
