@@ -1,22 +1,37 @@
-"""``fam-hf launch``: FAM in a training script nobody edited.
+"""``fam-hf launch``: FAM in a training command nobody edited.
 
     fam-hf launch SCRIPT.py ARGS...            # or: python -m fam_hf.launch SCRIPT.py ARGS...
     fam-hf launch -m MODULE ARGS...
+    fam-hf launch CONSOLE_SCRIPT ARGS...       # an installed command: llamafactory-cli train cfg.yaml
+    fam-hf launch [--quiet] [--FIELD VALUE ...] -- COMMAND ...   # settings for every trainer of the run
     accelerate launch [options] -m fam_hf.launch SCRIPT.py ARGS...     # every process instrumented
     torchrun [options] -m fam_hf.launch SCRIPT.py ARGS...
 
-Before the script runs, the launcher makes transformers' ``Trainer``, ``Seq2SeqTrainer``, ``TrainingArguments`` and
-``Seq2SeqTrainingArguments`` resolve to their FAM versions (:data:`FAM_VERSIONS`), in ``transformers`` and in the
+Before the command runs, the launcher makes transformers' ``Trainer``, ``Seq2SeqTrainer``, ``TrainingArguments`` and
+``Seq2SeqTrainingArguments`` resolve to their FAM versions (:func:`fam_versions`), in ``transformers`` and in the
 modules that define them (``from transformers.trainer import Trainer`` is instrumented too); with TRL installed, TRL's
 ``SFTTrainer`` and ``SFTConfig`` likewise. The script's ``HfArgumentParser`` then takes ``--fam_*`` and ``--sam_rho``,
 the ``Trainer`` subclasses it defines inherit FAM, and nothing else changes: with ``--fam_lambda 0 --sam_rho 0`` the
 launched script is the plain script, bit for bit. Without FAM flags, FAM runs with its defaults (``fam_lambda``
 calibrated to ``fam_share=0.001`` of the first batch's loss).
 
-The launcher is honest about what happened: a script that never trains with a FAM trainer (a custom training loop,
-a trainer class it does not know) ends with an error that says so, instead of a plain run under FAM's name. With
-``FAM_HF_LAUNCH_RECORD=PATH`` in the environment it writes what each FAM trainer did (its settings, the resolved
-``fam_lambda``, the ``relative_flatness`` it logged) to ``PATH`` as JSON: ``fam-hf compare`` verifies its runs so.
+Every Python process started below the launch is instrumented too (a framework that relaunches itself under
+torchrun, ``multiprocessing`` spawn children): the launcher puts ``fam_hf/_bootstrap`` first on ``PYTHONPATH`` and sets
+``FAM_HF_LAUNCH=1``, so each one instruments itself once it imports transformers, and records what its trainers did.
+
+Settings before ``--`` (any ``FAMTrainingArguments`` field: ``--fam_share 0.05 --seed 3 --output_dir out``) reach every
+training-arguments object of every process through ``FAM_HF_SETTINGS`` (a JSON object ``{field: value}``) and win over
+the script's own values; so do the ``fam_*`` keys of a YAML or JSON config file on the command line (``axolotl train
+cfg.yml`` with ``fam_share: 0.05`` in it), which a framework that drops unknown keys would lose. A setting the trainer
+does not carry when it starts training stops the run with the setting, both values and where it was asked.
+
+The launcher is honest about what happened: a command in which no process trains with a FAM trainer (a custom
+training loop, a trainer class it does not know) ends with an error that says so, instead of a plain run under FAM's
+name; FAM's own refusals print as one line (``FAM_HF_TRACEBACK=1`` shows the traceback); at the end it prints what
+FAM did (steps with the penalty, the resolved ``fam_lambda`` and how it was set, the certified form, relative
+flatness first and last, SAM steps). fam_hf's INFO lines (the certificate, the calibration) show on stderr
+(``--quiet`` or ``FAM_HF_QUIET=1``: not). With ``FAM_HF_LAUNCH_RECORD=PATH`` in the environment it writes the record
+of every process (:mod:`fam_hf.launch_record`) to ``PATH`` as JSON: ``fam-hf compare`` verifies its runs so.
 
 Classes a library defines by subclassing ``Trainer`` when it is imported after the launcher (not before) inherit FAM
 as the script's own do; FAM then trains them, or refuses them with the reason (a trainer whose loss it cannot
@@ -26,259 +41,196 @@ certify).
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib
-import json
-import math
 import os
 import runpy
+import shutil
 import sys
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
-
-from .config import FAMTrainingArguments
 from .defaults import LAUNCH_RECORD_VARIABLE
-from .sam import SAMMixin
+from .launch_instrument import (
+    LAUNCH_VARIABLE,
+    PARTS_VARIABLE,
+    QUIET_VARIABLE,
+    SEE_TRACEBACK,
+    TRACEBACK_VARIABLE,
+    fam_versions,
+    instrumented,
+    refusal,
+)
+from .launch_record import LaunchRecord, TrainerRecord, combine, summary, write_part
+from .launch_settings import (
+    SETTINGS_VARIABLE,
+    AskedSettings,
+    LaunchError,
+    check_names,
+    config_file_settings,
+    parse_options,
+)
 from .seq2seq import FAMSeq2SeqTrainer, FAMSeq2SeqTrainingArguments
-from .trainer import FAMMixin, FAMTrainer
 
 RECORD_VARIABLE = LAUNCH_RECORD_VARIABLE
-USAGE = "usage: fam-hf launch [-h] (SCRIPT.py | -m MODULE) [ARGS ...]"
-
-# where each instrumented name is defined or re-exported (a script may import it from any of them)
-TRANSFORMERS_MODULES = (
-    "transformers",
-    "transformers.trainer",
-    "transformers.trainer_seq2seq",
-    "transformers.training_args",
-    "transformers.training_args_seq2seq",
+BOOTSTRAP = Path(__file__).resolve().parent / "_bootstrap"
+USAGE = (
+    "usage: fam-hf launch [-h] [--quiet] [--FIELD VALUE ... --] (SCRIPT.py | -m MODULE | CONSOLE_SCRIPT) [ARGS ...]"
 )
-TRL_MODULES = ("trl", "trl.trainer", "trl.trainer.sft_trainer", "trl.trainer.sft_config")
+HOW_TO_CALL = (
+    "Call it as fam-hf launch SCRIPT.py ARGS, fam-hf launch -m MODULE ARGS, or fam-hf launch CONSOLE_SCRIPT ARGS with "
+    "a command installed in this Python environment (llamafactory-cli, axolotl)."
+)
 
 
-class LaunchError(RuntimeError):
-    """The launcher could not instrument the libraries, or FAM never ran in the launched script."""
+# ---- running a command under it -----------------------------------------------------------------------------------
 
 
-def fam_versions() -> dict[str, tuple[tuple[str, ...], type]]:
-    """Return ``{name: (modules, FAM class)}``: each name the launcher instruments, where, and what it becomes.
+def launch(
+    target: str,
+    args: Sequence[str] = (),
+    module: bool = False,
+    settings: Mapping[str, Any] | AskedSettings | None = None,
+    quiet: bool | None = None,
+    report: bool = False,
+) -> LaunchRecord:
+    """Run ``target`` (a script path, a module name with ``module=True``, or an installed console script's name) as
+    ``__main__`` with ``args`` as its command line, every process of it instrumented; return what its FAM trainers
+    did, in every process.
 
-    TRL's names are included when TRL is importable (``pip install "fam_hf[trl]"``).
+    ``settings`` (``{field: value}``) are asked of every training-arguments object, over ``FAM_HF_SETTINGS`` and the
+    ``fam_*`` keys of the config files in ``args``. ``report`` prints what FAM did to stderr at the end. Raises
+    :class:`LaunchError` if FAM never ran (no FAM trainer trained in any process). The script's own exceptions, and
+    a ``SystemExit`` with a non-zero status, pass through.
     """
-    versions: dict[str, tuple[tuple[str, ...], type]] = {
-        "Trainer": (TRANSFORMERS_MODULES, FAMTrainer),
-        "Seq2SeqTrainer": (TRANSFORMERS_MODULES, FAMSeq2SeqTrainer),
-        "TrainingArguments": (TRANSFORMERS_MODULES, FAMTrainingArguments),
-        "Seq2SeqTrainingArguments": (TRANSFORMERS_MODULES, FAMSeq2SeqTrainingArguments),
-    }
-    try:
-        from .sft import FAMSFTConfig, FAMSFTTrainer
-    except ImportError:  # TRL is not installed: nothing of it to instrument
-        return versions
-    versions["SFTTrainer"] = (TRL_MODULES, FAMSFTTrainer)
-    versions["SFTConfig"] = (TRL_MODULES, FAMSFTConfig)
-    return versions
-
-
-# ---- what the FAM trainers did -----------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainerRecord:
-    """What one FAM trainer of the launched script did: its class, settings, steps and what it logged."""
-
-    trainer: str
-    sam: bool
-    settings: dict[str, Any] = field(default_factory=dict)
-    train_runs: int = 0
-    steps: int = 0
-    fam_lambda: float | None = None  # the resolved weight at the end of training (calibrated when it was unset)
-    logged_fam_lambda: float | None = None  # the last fam_lambda the training logs showed
-    relative_flatness: float | None = None  # the last relative_flatness the training logs showed
-    relative_flatness_logs: int = 0
-
-    @property
-    def trained(self) -> bool:
-        return self.train_runs > 0 and self.steps > 0
-
-
-@dataclass
-class LaunchRecord:
-    """What the launched script did with FAM: one :class:`TrainerRecord` per FAM trainer it built."""
-
-    target: str
-    instrumented: list[str] = field(default_factory=list)
-    trainers: list[TrainerRecord] = field(default_factory=list)
-
-    def problem(self) -> str | None:
-        """Return why FAM never ran in the script, or ``None`` when a FAM trainer trained."""
-        if any(trainer.trained for trainer in self.trainers):
-            return None
-        if not self.trainers:
-            return (
-                f"FAM never ran: {self.target} built no trainer that fam-hf launch instruments. It instruments "
-                f"{', '.join(self.instrumented)}, imported from transformers (or trl) or the modules that define them; "
-                "a custom training loop (plain PyTorch, accelerate) or another trainer class has no FAM to add. Train "
-                "with one of those classes, add fam_hf.relative_flatness to your own loss, or run the script without "
-                "fam-hf launch."
-            )
-        built = ", ".join(sorted({trainer.trainer for trainer in self.trainers}))
-        return (
-            f"FAM never ran: {self.target} built {built} but never trained with it (train() was not called, or took "
-            "no step: a run with --do_train unset, max_steps=0, or a resumed run already at its last step). Run it "
-            "with training on, or without fam-hf launch to only evaluate."
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "target": self.target,
-            "instrumented": self.instrumented,
-            "trainers": [{**asdict(trainer), "trained": trainer.trained} for trainer in self.trainers],
-            "problem": self.problem(),
-        }
-
-
-class LaunchRecorder(TrainerCallback):
-    """Keeps one FAM trainer's :class:`TrainerRecord` up to date from the Trainer's own events."""
-
-    def __init__(self, trainer: Any, record: TrainerRecord) -> None:
-        self.trainer = trainer
-        self.record = record
-
-    def on_train_begin(self, args, state, control, **kwargs) -> None:
-        self.record.train_runs += 1
-        self.record.settings = args.fam_settings()
-
-    def on_step_end(self, args, state, control, **kwargs) -> None:
-        self.record.steps = state.global_step
-
-    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
-        logs = logs or {}
-        if _finite(logs.get("relative_flatness")):
-            self.record.relative_flatness = float(logs["relative_flatness"])
-            self.record.relative_flatness_logs += 1
-        if "fam_lambda" in logs:
-            self.record.logged_fam_lambda = logs["fam_lambda"]
-
-    def on_train_end(self, args, state, control, **kwargs) -> None:
-        self.record.steps = state.global_step
-        self.record.fam_lambda = self.trainer.fam_lambda
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# ---- instrumenting the libraries ---------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def instrumented(target: str = "the script") -> Iterator[LaunchRecord]:
-    """Within the block, transformers' (and TRL's) trainer classes resolve to their FAM versions and every FAM
-    trainer built is recorded in the :class:`LaunchRecord` this yields; on leaving, everything is as it was."""
-    versions = fam_versions()
-    for modules, _ in versions.values():  # define every class before any name changes (see DESIGN.md, section 6)
-        for name in modules:
-            importlib.import_module(name)
-    record = LaunchRecord(target, instrumented=[f"{modules[0]}.{name}" for name, (modules, _) in versions.items()])
-    undo: list[tuple[Any, str, Any]] = []
-    try:
-        for name, (modules, fam_class) in versions.items():
-            for module_name in modules:
-                module = sys.modules[module_name]  # a lazy top-level module has replaced itself by now
-                if hasattr(module, name):
-                    undo.append((module, name, vars(module).get(name, _MISSING)))
-                    setattr(module, name, fam_class)
-        undo.append((FAMMixin, "__init__", vars(FAMMixin)["__init__"]))
-        FAMMixin.__init__ = _recording_init(FAMMixin.__init__, record)
-        _check_instrumented(versions)
-        yield record
-    finally:
-        for owner, name, original in reversed(undo):
-            if original is _MISSING:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, original)
-
-
-_MISSING = object()
-
-
-def _recording_init(init: Any, record: LaunchRecord) -> Any:
-    @functools.wraps(init)
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **kwargs)
-        cls = type(self)
-        trainer = TrainerRecord(f"{cls.__module__}.{cls.__qualname__}", sam=isinstance(self, SAMMixin))
-        trainer.settings = self.args.fam_settings()
-        record.trainers.append(trainer)
-        self.add_callback(LaunchRecorder(self, trainer))
-
-    return __init__
-
-
-def _check_instrumented(versions: dict[str, tuple[tuple[str, ...], type]]) -> None:
-    """Refuse to run the script if a name it would import still resolves to the plain class."""
-    for name, (modules, fam_class) in versions.items():
-        for module_name in modules:
-            module = importlib.import_module(module_name)
-            if hasattr(module, name) and getattr(module, name) is not fam_class:
-                raise LaunchError(
-                    f"fam-hf launch could not instrument {module_name}.{name} (it still resolves to "
-                    f"{getattr(module, name)!r}), so the script would train plainly. This transformers or TRL version "
-                    "loads its names in a way the launcher does not know; import fam_hf's classes in the script."
-                )
-
-
-# ---- running a script under it -----------------------------------------------------------------------------------
-
-
-def launch(target: str, args: Sequence[str] = (), module: bool = False) -> LaunchRecord:
-    """Run ``target`` (a script path, or a module name with ``module=True``) as ``__main__`` with ``args`` as its
-    command line, transformers' trainers instrumented; return what its FAM trainers did.
-
-    Raises :class:`LaunchError` if FAM never ran (no FAM trainer trained). The script's own exceptions, and a
-    ``SystemExit`` with a non-zero status, pass through.
-    """
-    target, saved_argv, saved_path = str(target), sys.argv[:], sys.path[:]
-    if not module:
+    target, args = str(target), [str(arg) for arg in args]
+    run, argv0 = _runner(target, module)
+    asked = _asked_settings(args, settings)
+    quiet = os.environ.get(QUIET_VARIABLE, "") not in ("", "0") if quiet is None else quiet
+    top = os.environ.get(LAUNCH_VARIABLE) != "1"  # else a process below a launch, which combines the records
+    parts = tempfile.mkdtemp(prefix="fam_hf-launch-") if top else os.environ.get(PARTS_VARIABLE)
+    saved_argv, saved_path = sys.argv[:], sys.path[:]
+    if not module and Path(target).is_file():
         sys.path.insert(0, str(Path(target).resolve().parent))  # as ``python SCRIPT.py`` does: its folder first
-    sys.argv = [target, *args]
+    sys.argv = [argv0, *args]
+    record = None
     try:
-        with instrumented(target) as record:
-            try:
-                if module:
-                    runpy.run_module(target, run_name="__main__", alter_sys=True)
-                else:
-                    runpy.run_path(target, run_name="__main__")
-            except SystemExit as exit:
-                if exit.code not in (None, 0):
-                    raise
-            finally:
-                _write_record(record)
+        with _environment(_child_environment(parts, asked, quiet) if top else {}):
+            with instrumented(target, asked, quiet, parts) as record:
+                try:
+                    run()
+                except SystemExit as exit:
+                    if exit.code not in (None, 0):
+                        raise
+                finally:
+                    if top:
+                        record = combine(record, parts, [target, *args])
+                        _write_record(record)
+                        if report and _rank() == 0:
+                            print(summary(record), file=sys.stderr)
+                    elif parts:
+                        write_part(record, parts)
     finally:
         sys.argv[:], sys.path[:] = saved_argv, saved_path
-    problem = record.problem()
+        if top:
+            shutil.rmtree(parts, ignore_errors=True)
+    problem = record.problem() if top else None
     if problem:
         raise LaunchError(problem)
     return record
 
 
+def _runner(target: str, module: bool) -> tuple[Callable[[], Any], str]:
+    """What runs ``target``, and its ``sys.argv[0]``."""
+    if module:
+        return lambda: runpy.run_module(target, run_name="__main__", alter_sys=True), target
+    if Path(target).is_file():
+        return lambda: runpy.run_path(target, run_name="__main__"), target
+    entry = console_script(target)
+    if entry is None:
+        kind = "script" if target.endswith(".py") or os.sep in target else "script, module or console script"
+        raise LaunchError(f"no such {kind}: {target}. {HOW_TO_CALL}")
+
+    def run() -> None:
+        # as the installed script does: load the entry point (now, instrumented) and exit with what it returns
+        raise SystemExit(entry.load()())
+
+    return run, shutil.which(target) or target
+
+
+def console_script(name: str) -> EntryPoint | None:
+    """The console script ``name`` of an installed distribution (``llamafactory-cli``, ``axolotl``), or ``None``."""
+    if not name or name.startswith("-") or os.sep in name:
+        return None
+    found = list(entry_points(group="console_scripts", name=name))
+    return found[0] if found else None
+
+
+def _asked_settings(args: Sequence[str], settings: Mapping[str, Any] | AskedSettings | None) -> AskedSettings:
+    """The launcher's settings, over ``FAM_HF_SETTINGS``, over the ``fam_*`` keys of the command's config files."""
+    if settings is None:
+        settings = AskedSettings()
+    elif not isinstance(settings, AskedSettings):
+        check_names(settings, "the launcher's settings")
+        settings = AskedSettings(dict(settings), {name: "the launcher's settings" for name in settings})
+    return settings.over(AskedSettings.from_environment().over(config_file_settings(args)))
+
+
+def _child_environment(parts: str, asked: AskedSettings, quiet: bool) -> dict[str, str | None]:
+    """What the launcher sets for every process started below it: the bootstrap, the records' folder, the settings."""
+    path = os.environ.get("PYTHONPATH", "")
+    environment: dict[str, str | None] = {
+        LAUNCH_VARIABLE: "1",
+        PARTS_VARIABLE: parts,
+        "PYTHONPATH": os.pathsep.join([str(BOOTSTRAP), *([path] if path else [])]),
+    }
+    if asked:
+        environment.update(asked.environment())
+    if quiet:
+        environment[QUIET_VARIABLE] = "1"
+    return environment
+
+
+@contextlib.contextmanager
+def _environment(changes: Mapping[str, str | None]) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in changes}
+    try:
+        for name, value in changes.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def _write_record(record: LaunchRecord) -> None:
     """Write the record to ``$FAM_HF_LAUNCH_RECORD`` (the main process's only), if it is set."""
+    import json
+
     path = os.environ.get(RECORD_VARIABLE)
-    if not path or int(os.environ.get("RANK", "0") or 0) != 0:
+    if not path or _rank() != 0:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(record.to_json(), indent=2, default=str))
 
 
+# ---- the command line ---------------------------------------------------------------------------------------------
+
+
 def parse_command(argv: Sequence[str]) -> tuple[str, list[str], bool] | None:
-    """Return ``(target, args, module)`` from ``SCRIPT.py ARGS...`` or ``-m MODULE ARGS...``; ``None`` for help."""
+    """Return ``(target, args, module)`` from ``SCRIPT.py ARGS...``, ``-m MODULE ARGS...`` or ``NAME ARGS...`` (the
+    launcher's own options already taken off: :func:`fam_hf.launch_settings.parse_options`); ``None`` for help."""
     argv = list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         return None
@@ -287,26 +239,29 @@ def parse_command(argv: Sequence[str]) -> tuple[str, list[str], bool] | None:
             raise LaunchError(f"-m needs a module name.\n{USAGE}")
         return argv[1], argv[2:], True
     if argv[0].startswith("-"):
-        raise LaunchError(
-            f"unknown option {argv[0]}: the launcher's arguments are the script's, after its path.\n{USAGE}"
-        )
+        raise LaunchError(f"unknown option {argv[0]}: the launcher's options come before --.\n{USAGE}")
     return argv[0], argv[1:], False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fam_hf.launch SCRIPT.py ARGS...``: run the script instrumented; return the exit status."""
+    """``python -m fam_hf.launch [OPTIONS --] COMMAND ...``: run the command instrumented; return the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        parsed = parse_command(argv)
+        asked, flags, command = parse_options(argv)
+        parsed = None if flags["help"] else parse_command(command)
         if parsed is None:
             print(USAGE + "\n\n" + __doc__.split("\n\n", 2)[2])
-            return 0 if argv else 2
+            return 0 if flags["help"] or command[:1] in (["-h"], ["--help"]) else 2
         target, args, module = parsed
-        if not module and not Path(target).is_file():
-            raise LaunchError(f"no such script: {target}")
-        launch(target, args, module=module)
+        launch(target, args, module=module, settings=asked, quiet=flags["quiet"] or None, report=True)
     except LaunchError as error:
         print(f"fam-hf launch: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        message = refusal(error)
+        if message is None or os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
+            raise
+        print(f"fam-hf launch: {message}\n{SEE_TRACEBACK}", file=sys.stderr)
         return 1
     return 0
 
@@ -317,6 +272,7 @@ __all__ = [
     "LaunchError",
     "LaunchRecord",
     "RECORD_VARIABLE",
+    "SETTINGS_VARIABLE",
     "TrainerRecord",
     "fam_versions",
     "instrumented",
