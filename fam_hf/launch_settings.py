@@ -57,8 +57,15 @@ class AskedSettings:
         return self.sources.get(name, SETTINGS_VARIABLE)
 
     def over(self, other: AskedSettings) -> AskedSettings:
-        """These settings, with ``other``'s for the fields these do not set (these win)."""
-        return AskedSettings({**other.values, **self.values}, {**other.sources, **self.sources})
+        """These settings, with ``other``'s for the fields these do not set (these win). The penalty's weight is one
+        choice: a ``fam_lambda`` (> 0) here drops ``other``'s ``fam_share``, a ``fam_share`` here its ``fam_lambda``."""
+        values, sources = dict(other.values), dict(other.sources)
+        mine = self.values
+        if mine.get("fam_lambda") and "fam_share" not in mine:
+            values.pop("fam_share", None)
+        if mine.get("fam_share") is not None and "fam_lambda" not in mine:
+            values.pop("fam_lambda", None)
+        return AskedSettings({**values, **mine}, {**{k: sources[k] for k in values if k in sources}, **self.sources})
 
     def environment(self) -> dict[str, str]:
         """The variables that carry these settings to child processes."""
