@@ -178,18 +178,19 @@ def sweep(
 ) -> list[dict]:
     """Run the cases, rewriting ``out`` after each; with ``resume``, keep the results ``out`` already has.
 
-    ``keep`` is an earlier sweep (``--mappings``): its results of the mappings not run here are written along, in the
-    sweep's order, and its per-mapping provenance (``swept``) is kept for them.
+    ``keep`` is an earlier sweep (``--mappings``): its results of the cases not run here are written along, in the
+    sweep's order, and its per-mapping provenance (``swept``) is kept for the mappings not run here.
     """
     header = provenance(gradient)
     if commit:
         header["commit"] = commit
     mine = {case.mapping for case in cases}
-    kept = [r for r in (keep or {}).get("results", []) if r["mapping"] not in mine]
+    ids = {case.id for case in cases}
+    kept = [r for r in (keep or {}).get("results", []) if r["case"] not in ids]
     header["swept"] = {m: p for m, p in _swept(keep or {}).items() if m not in mine}
     done = {}
     if resume and out.exists():
-        done = {r["case"]: r for r in json.loads(out.read_text())["results"] if r["mapping"] in mine}
+        done = {r["case"]: r for r in json.loads(out.read_text())["results"] if r["case"] in ids}
     results = [done[c.id] for c in cases if c.id in done]
     worker = Worker(gradient)
     start = time.perf_counter()
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     cases = all_cases(args.only, shard, mappings)
     keep = json.loads(args.out.read_text()) if mappings and args.out.exists() else None
     sweep(cases, args.out, args.gradient, args.resume, args.time_limit, args.commit, keep)
-    if shard is None and args.only is None:
+    if shard is None and (args.only is None or mappings):
         args.docs.write_text(render(json.loads(args.out.read_text())))
         print(f"wrote {args.out} and {args.docs}")
 
