@@ -3,13 +3,14 @@ followed by ``+FIELD=VALUE`` controls) and the settings each gives a run."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ...defaults import DEFAULT_MODE, DEFAULT_SHARE, GRADIENT_MODES
+from ...defaults import DEFAULT_MODE, DEFAULT_SHARE, GRADIENT_CHOICES, GRADIENT_MODES  # noqa: F401 (read as arms.*)
 
 BASELINE = "plain"
 DEFAULT_ARMS = ("plain", "fam", "sam")
@@ -17,7 +18,7 @@ DEFAULT_RHO = 0.05
 ARM_HELP = (
     f"plain (fam_lambda=0, sam_rho=0), fam (fam_lambda unset: calibrated to fam_share={DEFAULT_SHARE:g}, "
     f"fam_gradient={DEFAULT_MODE}), "
-    f"fam:MODE@SHARE (MODE one of {', '.join(GRADIENT_MODES)}; SHARE > 0; e.g. fam:weights@0.02), sam (fam_lambda=0, "
+    f"fam:MODE@SHARE (MODE one of {', '.join(GRADIENT_CHOICES)}; SHARE > 0; e.g. fam:weights@0.02), sam (fam_lambda=0, "
     f"sam_rho={DEFAULT_RHO:g}) or sam:RHO (RHO > 0); any of them followed by +FIELD=VALUE, another setting of the "
     "command for that arm (a control: plain+learning_rate=1e-3, plain+label_smoothing_factor=0.1)"
 )
@@ -58,6 +59,23 @@ class Arm:
         sets_lambda = self.fields.get("fam_lambda") is not None
         return self.unset + (["fam_share"] if sets_lambda and "fam_share" not in self.fields else [])
 
+    @property
+    def controls(self) -> dict[str, str]:
+        """Return the arm's controls (``+FIELD=VALUE``): settings of the command beyond FAM's and SAM's, verbatim."""
+        return {name: value for name, value in self.settings if name not in ARM_FIELDS}
+
+    def environment_settings(self, flagged: Sequence[str] = ()) -> dict[str, Any]:
+        """Return the settings a launched run takes through ``FAM_HF_SETTINGS``: the fields the arm removes as
+        ``None`` (unset), then the arm's own, its controls with their values typed (:func:`typed_value`), except
+        those in ``flagged`` (which go on the command line)."""
+        settings: dict[str, Any] = {name: None for name in self.removed}
+        for name, value in self.settings:
+            if name in ARM_FIELDS:
+                settings[name] = value
+            elif name not in flagged:
+                settings[name] = typed_value(value)
+        return settings
+
     def flags(self) -> list[str]:
         """Return the command-line flags that give a run this arm's settings."""
         flags: list[str] = []
@@ -77,6 +95,17 @@ class Arm:
         for name, value in self.settings:
             parts.append(f"{name} unset (calibrated from fam_share)" if value is None else f"{name}={value}")
         return ", ".join(parts)
+
+
+def typed_value(text: Any) -> Any:
+    """Return a control's value as the JSON value it spells (``2e-3`` -> 0.002, ``true`` -> True, ``null`` -> None),
+    else the text itself (``cosine``)."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def parse_arm(text: str) -> Arm:
@@ -118,8 +147,10 @@ def _base_arm(spec: str, text: str) -> Arm:
         if ":" in spec:
             mode_text, _, share_text = rest.partition("@")
             mode = mode_text or DEFAULT_MODE
-            if mode not in GRADIENT_MODES:
-                raise CompareError(f"unknown arm {text!r}: MODE must be one of {', '.join(GRADIENT_MODES)}. {_arms()}")
+            if mode not in GRADIENT_CHOICES:
+                raise CompareError(
+                    f"unknown arm {text!r}: MODE must be one of {', '.join(GRADIENT_CHOICES)}. {_arms()}"
+                )
             if "@" in rest:
                 share = _positive(share_text, text, "SHARE")
         name = "fam" if (mode, share) == (DEFAULT_MODE, DEFAULT_SHARE) else f"fam:{mode}@{share:g}"
