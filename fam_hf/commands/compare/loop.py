@@ -71,7 +71,7 @@ def _record(study: Study, result: dict[str, Any], records: list[dict[str, Any]],
 def _first_run_error(result: dict[str, Any]) -> str:
     tail = result.get("log_tail") or "(the log is empty)"
     return (
-        f"the first run ({result['arm']}, seed {result['seed']}) failed: {result['error']}.\n"
+        f"the first run ({result['arm']}, seed {result['seed']}) failed: {result['error'].rstrip('.')}.\n"
         f"Its log is {result['log']}; it ends with:\n{_indent(tail)}\n"
         "No other run was started: fix the command (try it alone first) and run compare again."
     )

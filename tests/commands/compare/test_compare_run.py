@@ -62,25 +62,54 @@ def test_each_recorded_run_says_what_it_showed(fake, tmp_path):
     out = tmp_path / "study"
     assert compare_main(out, fake.command, "--seeds", "2", "--arms", "plain", "fam", "sam", "--no-progress") == 0
     shown = {r["arm"]: r["verified"] for r in runs(out)}
-    assert shown["fam"].startswith("FAM acted: fam_lambda=0.25, relative_flatness logged 2 time(s)")
+    # --no-launch: no launcher's counts; the saved fam_lambda was calibrated on a training batch, which the penalty
+    # then joined
+    assert shown["fam"].startswith("FAM acted: fam_lambda=0.25, calibrated on a training batch")
     assert shown["sam"].startswith("SAM acted: sam_rho=0.05") and shown["plain"].startswith("plain: fam_lambda=0")
     assert "## Every run showed that its arm acted" in (out / "compare.md").read_text()
 
 
 def test_what_the_launchers_record_shows_decides_before_the_saved_files(tmp_path):
     fam = {"fam_lambda": None, "fam_share": 0.001, "fam_gradient": "head", "sam_rho": 0.0}
-    trainer = {"trainer": "fam_hf.trainer.FAMTrainer", "sam": True, "settings": fam, "trained": True, "steps": 3}
+    trainer = {"trainer": "fam_hf.trainer.FAMTrainer", "settings": fam, "trained": True, "steps": 8, "rank": 0}
+    trainer.update(sam_capable=True, sam_steps=0, relative_flatness_first=2.0, relative_flatness_logs=0)
     record = tmp_path / "run.launch.json"
 
-    def verdict(**changes):
+    def verdict(expect=fam, **changes):
         record.write_text(json.dumps({"trainers": [{**trainer, **changes}], "problem": None}))
-        return compare.verify_run(fam, compare.verify.launch_evidence(record))
+        return compare.verify_run(expect, compare.verify.launch_evidence(record), launched=True)
 
-    error, shown = verdict(fam_lambda=0.3, relative_flatness=1.5, relative_flatness_logs=3)
-    assert error is None and shown.startswith("FAM acted: fam_lambda=0.3, relative_flatness logged 3 time(s)")
-    assert "logged no relative_flatness" in verdict(fam_lambda=0.3, relative_flatness=None)[0]
-    assert "--logging_steps" in verdict(fam_lambda=0.3, relative_flatness=None)[0]
-    assert "resolved fam_lambda is 0.0" in verdict(fam_lambda=0.0, relative_flatness=1.0, relative_flatness_logs=1)[0]
+    counted = dict(fam_lambda=0.3, fam_lambda_source="calibrated", penalized_steps=8, relative_flatness_last=1.5)
+    error, shown = verdict(**counted)  # no relative_flatness was ever logged: the counts decide
+    assert error is None and shown.startswith("FAM acted: fam_lambda=0.3 (calibrated), penalty on 8 of 8 step(s)")
+    assert "relative_flatness 2 -> 1.5" in shown
+    error = verdict(**{**counted, "penalized_steps": 0})[0]
+    assert error.startswith("FAM did not act: fam_hf.trainer.FAMTrainer trained 8 step(s), penalized 0 with ")
+    assert "No step's loss carried the penalty" in error and "the fam-hf launch record (run.launch.json)" in error
+    assert "resolved fam_lambda is not above 0" in verdict(**{**counted, "fam_lambda": 0.0})[0]
+    assert "not a number at the end" in verdict(**{**counted, "relative_flatness_last": float("nan")})[0]
+    assert "SAM acted in a FAM arm" in verdict(**{**counted, "sam_steps": 8})[0]
+    # SAM: steps taken, or why none were
+    sam = {"fam_lambda": 0.0, "sam_rho": 0.05, "fam_share": None}
+    off = dict(fam_lambda=0.0, penalized_steps=0, relative_flatness_last=1.5, settings={**fam, **sam})
+    error, shown = verdict(sam, **off, sam_steps=8)
+    assert error is None and shown.startswith("SAM acted: sam_rho=0.05, 8 SAM step(s) of 8")
+    assert "cannot take SAM steps (it lacks fam_hf.SAMMixin)" in verdict(sam, **off, sam_capable=False)[0]
+    assert "took no SAM step" in verdict(sam, **off)[0]
+    # plain: neither
+    plain = {"fam_lambda": 0.0, "sam_rho": 0.0, "fam_share": None}
+    off["settings"] = {**fam, **plain}
+    assert verdict(plain, **off)[1].startswith("plain: no step penalized, no SAM step")
+    assert "FAM or SAM acted in a plain run" in verdict(plain, **{**off, "penalized_steps": 3, "fam_lambda": 0.1})[0]
+    # settings other than the arm's
+    error = verdict(plain, **{**off, "settings": {**fam, "sam_rho": 0.0, "fam_share": 0.05}})[0]
+    assert "fam_lambda=None, the arm sets 0.0; fam_share=0.05, the arm needs it unset" in error
+    assert "FAM_HF_SETTINGS under fam-hf launch" in error
+    # the launcher's own problem, and a record without the counts (an older launcher)
     record.write_text(json.dumps({"trainers": [], "problem": "FAM never ran: train.py built no trainer ..."}))
     assert compare.verify_run(fam, compare.verify.launch_evidence(record))[0].startswith("fam-hf launch: FAM never ran")
     assert compare.verify.launch_evidence(tmp_path / "missing.json") is None
+    record.write_text(json.dumps({"trainers": [{**trainer, "fam_lambda": 0.3, "relative_flatness": 1.5}]}))
+    error = compare.verify_run(fam, compare.verify.launch_evidence(record))[0]
+    assert "written by a fam-hf launch older than this compare" in error and "penalized_steps" in error
+    assert "pip install -U fam_hf" in error
