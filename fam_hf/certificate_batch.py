@@ -21,6 +21,7 @@ and the assumed one read the same inputs), and the normalization is compared in 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +29,11 @@ import torch
 
 from .rows import CAUSAL_LM, GROUPED_KINDS, IGNORE_INDEX, HeadTask
 
-# Input positions (tokens, or examples of inputs without tokens) the certificate's reruns see at most.
+# Input positions (tokens, or examples of inputs without tokens) the certificate's reruns see at most; the
+# environment variable FAM_HF_CERTIFICATE_POSITIONS sets another (the zoo sweep runs with a small one, so that every
+# architecture is certified on a cut batch).
 CERTIFICATE_POSITIONS = 128
+POSITIONS_VARIABLE = "FAM_HF_CERTIFICATE_POSITIONS"
 # Never cut a sequence shorter than this many positions.
 MINIMUM_WINDOW = 8
 
@@ -52,7 +56,8 @@ def certificate_batches(
     A later one is tried only where an earlier one makes the model raise (a model that needs its whole sequence).
     The batch itself is the only one when it is within ``budget`` (:data:`CERTIFICATE_POSITIONS`) or cannot be cut.
     """
-    budget = CERTIFICATE_POSITIONS if budget is None else budget
+    if budget is None:
+        budget = int(os.environ.get(POSITIONS_VARIABLE) or CERTIFICATE_POSITIONS)
     whole = CertificateBatch(dict(inputs), whole=True)
     size = _batch_size(inputs, label_key)
     if size is None or not _by_example(inputs, size):

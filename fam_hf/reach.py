@@ -21,8 +21,9 @@ from .head import _active_module
 
 logger = logging.getLogger(__name__)
 
-# How an override hands the loss on: super().compute_loss(...) (or super(Cls, self)), or a class's by name.
-_CALLS_SUPER = re.compile(r"super\s*\([^)]*\)\s*\.\s*compute_loss\b")
+# How an override may hand the loss on: through super() (super().compute_loss, super(Cls, self), or a method looked up
+# on it by name), or a FAM class's compute_loss by name. Only an override that does neither is refused when built.
+_CALLS_SUPER = re.compile(r"\bsuper\s*\(")
 _CALLS_BY_NAME = re.compile(r"\b([A-Za-z_]\w*)\.compute_loss\s*\(\s*self\b")
 # Libraries whose trainers compute the loss with a module of their own, outside the model.
 _LOSS_MODULE_LIBRARIES = {

@@ -289,14 +289,17 @@ def test_each_process_draws_its_own_stream_and_a_draw_is_replayable():
     rank_1.remove()
 
 
-def test_lambda_is_calibrated_on_every_row_of_the_first_batch(tmp_path):
-    lambdas = []
+def test_lambda_is_calibrated_on_the_penalty_the_first_step_trains_on(tmp_path):
+    """Exact or estimated from a row sample (fam_max_rows=3 of 40 counted rows), the calibrated lambda makes the first
+    step's penalty, as that step computes it, fam_share of its task loss: the first step costs what the others do."""
     for max_rows in (None, 3):
-        trainer = _lm_trainer(tmp_path / str(max_rows), fam_max_rows=max_rows)
+        trainer = _lm_trainer(tmp_path / str(max_rows), fam_max_rows=max_rows, fam_share=0.01, logging_steps=1)
         trainer.args.max_steps = 1
         trainer.train()
-        lambdas.append(trainer.fam_lambda)
-    assert lambdas[1] == pytest.approx(lambdas[0], rel=1e-12)
+        first = next(entry for entry in trainer.state.log_history if "relative_flatness" in entry)
+        penalty = first["relative_flatness"]
+        assert trainer.fam_lambda * penalty == pytest.approx(0.01 * first["task_loss"], rel=1e-6)
+        assert trainer.fam_probe().draws == (1 if max_rows else 0)
 
 
 def test_loss_recorder_survives_pickle_and_deepcopy():
