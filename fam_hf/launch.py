@@ -114,20 +114,22 @@ def launch(
     if not module and Path(target).is_file():
         sys.path.insert(0, str(Path(target).resolve().parent))  # as ``python SCRIPT.py`` does: its folder first
     sys.argv = [argv0, *args]
-    record = None
+    record, failed = None, True
     try:
         with _environment(_child_environment(parts, asked, quiet) if top else {}):
             with instrumented(target, asked, quiet, parts) as record:
                 try:
                     run()
+                    failed = False
                 except SystemExit as exit:
+                    failed = False
                     if exit.code not in (None, 0):
                         raise
                 finally:
                     if top:
                         record = combine(record, parts, [target, *args])
                         _write_record(record)
-                        if report and _rank() == 0:
+                        if report and not failed and record.trainers and _rank() == 0:
                             print(summary(record), file=sys.stderr)
                     elif parts:
                         write_part(record, parts)

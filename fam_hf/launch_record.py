@@ -19,7 +19,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -242,8 +242,7 @@ class LaunchRecorder(TrainerCallback):
         if probe is not None:
             record.head = probe.head_name
             if "training" in getattr(trainer, "_fam_certified", ()):
-                task = probe.task
-                record.certified_form = f"{task.loss or 'the model loss'} of {task.describe()}"
+                record.certified_form = certified_form(probe.task, trainer.model)
         write_fam_config(trainer, args)
         if self.after_train is not None:
             self.after_train()
@@ -252,6 +251,15 @@ class LaunchRecorder(TrainerCallback):
         value = getattr(self._run, "last_relative_flatness", None)
         if value is not None:
             self.record.relative_flatness_last = _float(value)
+
+
+def certified_form(task: Any, model: Any) -> str:
+    """The loss the certificate agreed on, in words: ``cross_entropy of the head's output``."""
+    loss = task.loss
+    if loss is None:  # decided from the labels: the model's config says which problem it met (transformers sets it)
+        problem = getattr(getattr(model, "config", None), "problem_type", None) or task.problem_type
+        loss = replace(task, problem_type=problem).loss_for(None)
+    return f"{loss} of {task.describe()}"
 
 
 def write_fam_config(trainer: Any, args: Any) -> None:
