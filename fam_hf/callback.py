@@ -424,8 +424,9 @@ class RelativeFlatnessCallback(TrainerCallback):
             with torch.no_grad(), probe.watch(inputs, inputs.get("labels"), gradient=None) as seen:
                 module(*args, **dict(kwargs))
             batch = seen[0]
-        rows = float(batch.flatness.rows) if chosen.whole else chosen.rows  # the model's loss: a mean over its rows
-        if rows > 0 and not chosen.normalized_as(1 / rows):
+        rows = float(batch.flatness.rows)  # the model's loss: a mean over its rows, or over num_items_in_batch
+        divides_by_items = None if kwargs.get("num_items_in_batch") is not None else False
+        if rows > 0 and not chosen.normalized_like(1 / rows, rows, divides_by_items):
             message = normalization_message(chosen.factor, 1 / rows, "evaluation", probe.head_name, source)
             logger.warning("%s Only measuring.", message)
         return True, batch

@@ -8,14 +8,28 @@ penalty reproduces is still certified, and exact, when the certificate saw only 
 
 import copy
 import functools
+import logging
 
 import pytest
 import torch
-from tiny_models import as_dataset, assert_updates_close, build, collator, sgd_args, snapshot, updates
+from datasets import Dataset
+from tiny_models import (
+    as_dataset,
+    assert_updates_close,
+    build,
+    collator,
+    expected_update,
+    sgd_args,
+    snapshot,
+    tiny_tokenizer,
+    updates,
+)
 from torch import nn
+from transformers import Trainer, TrainingArguments
 
 import fam_hf.certificate_batch as certificate_batch
-from fam_hf import FAMTrainer
+from fam_hf import FAMTrainer, measure_relative_flatness
+from fam_hf.callback import RelativeFlatnessCallback
 from fam_hf.certificate import LossMismatchError
 from fam_hf.certificate_batch import certificate_batches
 from fam_hf.reference import model_hessian_relative_flatness
@@ -186,3 +200,49 @@ def test_a_model_that_needs_its_whole_sequence_is_certified_on_whole_examples(tm
         actual = _train(model, batch, tmp_path)
     assert_updates_close(actual, expected, rtol=1e-6)
     assert "failed (this model takes sequences of 40 positions); trying 2 examples of the batch" in caplog.text
+
+
+def test_the_callback_certifies_a_long_eval_batch_on_a_cut_and_measures_the_whole(tmp_path, monkeypatch, caplog):
+    """RelativeFlatnessCallback's certificate sees 64 positions of a 6 x 40 evaluation batch, its normalization
+    compared in that part's units (no warning), and eval_relative_flatness is the whole batch's."""
+    monkeypatch.setattr(certificate_batch, "CERTIFICATE_POSITIONS", 64)
+    model = build("llama", "causal_lm")
+    batch = _lm_batch()
+    seen = _Seen(model)
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(
+            output_dir=str(tmp_path), per_device_eval_batch_size=6, use_cpu=True, report_to=[], disable_tqdm=True
+        ),
+        eval_dataset=as_dataset(batch),
+        data_collator=collator(torch.float64),
+        callbacks=[RelativeFlatnessCallback()],
+    )
+    with caplog.at_level(logging.WARNING, logger="fam_hf"):
+        metrics = trainer.evaluate()
+    assert not [r for r in caplog.records if r.name.startswith("fam_hf")], caplog.text
+    assert (2, 32) in seen.shapes, "the certificate reran on the cut batch"
+    expected = measure_relative_flatness(model, as_dataset(batch), batch_size=6, collate_fn=collator(torch.float64))
+    assert metrics["eval_relative_flatness"] == pytest.approx(expected.relative_flatness, rel=1e-9)
+
+
+def test_fam_sft_trainer_certifies_a_long_batch_on_a_cut_and_trains_exactly(tmp_path, monkeypatch):
+    pytest.importorskip("trl")
+    from fam_hf.sft import FAMSFTConfig, FAMSFTTrainer
+
+    monkeypatch.setattr(certificate_batch, "CERTIFICATE_POSITIONS", 64)
+    model = build("llama", "causal_lm")
+    model.config.max_position_embeddings = LENGTH
+    input_ids = torch.randint(3, 40, (6, LENGTH), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": input_ids, "labels": input_ids}
+    expected = expected_update(model, batch, fam_lambda=2.0, gradient="full")
+    before = snapshot(model)
+    seen = _Seen(model)
+    FAMSFTTrainer(
+        model=model,
+        args=sgd_args(tmp_path, batch_size=6, args_class=FAMSFTConfig, bf16=False, fam_lambda=2.0, fam_gradient="full"),
+        train_dataset=Dataset.from_dict({"input_ids": input_ids.tolist()}),
+        processing_class=tiny_tokenizer(),
+    ).train()
+    assert (2, 32) in seen.shapes and seen.shapes[-1] == (6, LENGTH)
+    assert_updates_close(updates(before, model), expected, rtol=2e-6)  # TRL's fused log-softmax is float32
