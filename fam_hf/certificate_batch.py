@@ -35,7 +35,7 @@ from .rows import CAUSAL_LM, GROUPED_KINDS, IGNORE_INDEX, HeadTask
 CERTIFICATE_POSITIONS = 128
 POSITIONS_VARIABLE = "FAM_HF_CERTIFICATE_POSITIONS"
 # Never cut a sequence shorter than this many positions.
-MINIMUM_WINDOW = 8
+MINIMUM_WINDOW = 4
 
 
 @dataclass
