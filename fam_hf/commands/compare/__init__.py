@@ -1,11 +1,11 @@
 """``fam-hf compare``: does FAM help on *your* task? Paired seeds of plain, FAM and SAM on your own training command.
 
-One module per job: :mod:`.arms` (the arm grammar), :mod:`.command` (rewriting the user's command for one run, under
-``fam-hf launch``), :mod:`.run` (running one run in its process group and reading its results), :mod:`.verify`
-(whether a run shows that its arm acted), :mod:`.redact` (no secrets on disk), :mod:`.store` (the JSON-lines run log),
-:mod:`.backends` (local, with CPU threads and GPUs shared out, and Ray), :mod:`.study` (the study and its seed
-rules), :mod:`.loop` (running it), :mod:`.report` (the paired differences, their reading, the markdown and the plot)
-and :mod:`.cli` (the command line, documented there).
+One module per job: :mod:`.arms` (the arm grammar), :mod:`.command` (the user's command for one run: under
+``fam-hf launch``, its settings in ``FAM_HF_SETTINGS``; else with them as flags), :mod:`.run` (running one run in
+its process group and reading its results), :mod:`.verify` (whether a run shows that its arm acted), :mod:`.redact`
+(no secrets on disk), :mod:`.store` (the JSON-lines run log), :mod:`.backends` (local, with CPU threads and GPUs
+shared out, and Ray), :mod:`.study` (the study and its seed rules), :mod:`.loop` (running it), :mod:`.report` (the
+paired differences, their reading, the markdown and the plot) and :mod:`.cli` (the command line, documented there).
 """
 
 from ...defaults import DEFAULT_MODE, DEFAULT_SHARE, GRADIENT_MODES
@@ -20,7 +20,18 @@ from .cli import (
     main,
     study_from_args,
 )
-from .command import check_config_files, launched, run_command, split_command, strip_flag
+from .command import (
+    SETTINGS_VARIABLE,
+    check_config_files,
+    console_script,
+    launched,
+    launched_command,
+    run_command,
+    run_settings,
+    split_command,
+    strip_flag,
+    user_settings,
+)
 from .loop import run_study
 from .redact import redact_command
 from .report import (
@@ -58,6 +69,7 @@ __all__ = [
     "PNG_NAME",
     "RUNS_NAME",
     "SCREENING",
+    "SETTINGS_VARIABLE",
     "TIMING_METRICS",
     "Arm",
     "CompareError",
@@ -73,8 +85,10 @@ __all__ = [
     "compare_command",
     "compare_command_parser",
     "compare_stage",
+    "console_script",
     "execute_run",
     "launched",
+    "launched_command",
     "log_tail",
     "main",
     "markdown_report",
@@ -89,12 +103,14 @@ __all__ = [
     "readings",
     "redact_command",
     "run_command",
+    "run_settings",
     "run_study",
     "seed_list",
     "settings_problems",
     "split_command",
     "strip_flag",
     "study_from_args",
+    "user_settings",
     "verify_run",
     "write_report",
 ]

@@ -4,28 +4,37 @@
                    [--confirm ARM] [--no-launch] -- COMMAND ...
 
 ``COMMAND`` is any training command: transformers' example scripts and your own Trainer scripts as they are, a
-recipe with its YAML config; it may start with ``accelerate launch ...`` or ``torchrun ...``. A Python script runs
-under ``fam-hf launch`` (``python -m fam_hf.launch SCRIPT.py ...``), which makes its ``Trainer`` FAM's, so an
-unmodified script works (``--no-launch``: run the command as it is). ``compare`` runs it once per (arm, seed),
-appending its own settings, which win over the command's (argparse keeps the last value of a repeated flag):
+recipe with its YAML config, a console script such as ``llamafactory-cli train cfg.yaml``; it may start with
+``accelerate launch ...`` or ``torchrun ...``. ``compare`` runs it once per (arm, seed), unchanged, under ``fam-hf
+launch`` (``python -m fam_hf.launch SCRIPT.py ...``, ``-m MODULE``, or the console script's name), which makes its
+``Trainer`` FAM's and gives every training-arguments object of the run the arm's settings, the seed and the output
+folder through the environment variable ``FAM_HF_SETTINGS`` (a JSON object; they win over the script's own and over
+a ``FAM_HF_SETTINGS`` you export, whose other fields every run keeps):
 
-    --fam_lambda/--fam_share/--fam_gradient/--sam_rho   the arm's settings
-    --seed N --output_dir DIR/runs/<arm>-seed<N>
+    fam_lambda/fam_share/fam_gradient/sam_rho   the arm's settings
+    seed N, output_dir DIR/runs/<arm>-seed<N>
 
-then reads the run's final evaluation metrics (``eval_results.json``/``all_results.json`` from
-``trainer.save_metrics``, else the last ``eval_*`` entry of ``trainer_state.json``), and reports, for each arm and
-metric, the mean paired difference to ``plain`` over the seeds both finished, with its 95% t-interval.
+With ``--no-launch`` (or a command the launcher cannot run, such as ``bash train.sh``) the command runs as it is and
+nothing else can carry the settings, so they are appended as flags (``--fam_share 0.001 ... --seed N --output_dir
+DIR/runs/<arm>-seed<N>``, last, so they win: argparse keeps the last value of a repeated flag); the script must then
+take FAMTrainingArguments from its command line. compare then reads the run's final evaluation metrics
+(``eval_results.json``/``all_results.json`` from ``trainer.save_metrics``, else the last ``eval_*`` entry of
+``trainer_state.json``) from the output folder it chose, and reports, for each arm and metric, the mean paired
+difference to ``plain`` over the seeds both finished, with its 95% t-interval.
 
-Every run must show that its arm acted, or it fails with the reason: a FAM arm its resolved ``fam_lambda`` and the
-``relative_flatness`` it logged, a SAM arm its ``sam_rho`` in a trainer that takes SAM steps (from the launcher's
-record, else from the ``fam_config.json`` and ``trainer_state.json`` the run saved). Runs execute in process groups
-of their own, so an interrupt stops everything they started; the values of flags and environment variables named
-like secrets (token, key, secret, password) are hidden in every file compare writes.
+Every run must show that its arm acted, or it fails with what it showed and the reason: from the launcher's record,
+which counts what FAM and SAM did at every step whatever the logging schedule, a FAM arm steps penalized with a
+resolved ``fam_lambda`` above 0, a SAM arm SAM steps taken, ``plain`` neither (with ``--no-launch``: from the
+``fam_config.json`` and ``trainer_state.json`` the run saved). Runs execute in process groups of their own, so an
+interrupt stops everything they started; the values of flags, environment variables and settings named like secrets
+(token, key, secret, password) are hidden in every file compare writes.
 
 Arms: ``plain`` (fam_lambda=0, sam_rho=0); ``fam`` (the library defaults: fam_lambda unset, so it is calibrated
-to fam_share=0.001 of the first batch's loss, fam_gradient=head); ``fam:MODE@SHARE`` (e.g. ``fam:weights@0.02``;
+to fam_share=0.001 of the first batch's loss, fam_gradient=auto); ``fam:MODE@SHARE`` (e.g. ``fam:weights@0.02``;
 ``fam:MODE`` and ``fam:@SHARE`` take the default for the part left out); ``sam`` / ``sam:RHO`` (fam_lambda=0,
-sam_rho=0.05 or RHO).
+sam_rho=0.05 or RHO). ``ARM+FIELD=VALUE`` is a control, that arm with one more setting: under the launcher FIELD goes
+into FAM_HF_SETTINGS when it is a training argument, and is appended as ``--FIELD VALUE`` otherwise (a field of the
+script's own arguments); with ``--no-launch`` it is appended.
 
 DIR holds ``runs.jsonl`` (one line per finished run: the record a killed study resumes from), ``compare.json``,
 ``compare.md``, ``compare.png`` and ``logs/<arm>-seed<N>.log``. The same command again resumes the study; with
@@ -149,8 +158,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no_launch",
         dest="no_launch",
         action="store_true",
-        help="run the command as it is, not its Python script under fam-hf launch (the runs must then show that "
-        "their arm acted through the fam_config.json or trainer_state.json they save)",
+        help="run the command as it is, not under fam-hf launch, its settings appended as flags (--seed, --output_dir, "
+        "the arm's); the runs must then show that their arm acted through the fam_config.json or trainer_state.json "
+        "they save",
     )
     parser.add_argument("--no-plot", "--no_plot", dest="no_plot", action="store_true", help="skip compare.png")
     parser.add_argument(
@@ -164,7 +174,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "train_command",
         nargs=argparse.REMAINDER,
         metavar="-- COMMAND ...",
-        help="the training command, after --; it must take FAMTrainingArguments from the command line",
+        help="the training command, after --; it runs unchanged under fam-hf launch (with --no-launch it must take "
+        "FAMTrainingArguments from the command line)",
     )
     parser.set_defaults(run=compare_command)
 
@@ -184,7 +195,8 @@ def study_from_args(args: argparse.Namespace) -> Study:
         metrics=args.metrics,
         launch=not args.no_launch,
     )
-    check_config_files(command, arms + ([confirm] if confirm else []), study.cwd)
+    if not study.launched:  # flags override a config file's values but cannot unset them; FAM_HF_SETTINGS can
+        check_config_files(command, arms + ([confirm] if confirm else []), study.cwd)
     if args.backend == "local" and (args.ray_address or args.ray_num_cpus):
         raise CompareError("--ray-address and --ray-num-cpus need --backend ray.")
     if args.jobs != 1 and args.backend != "local":
@@ -201,9 +213,10 @@ def compare_command(args: argparse.Namespace) -> int:
         return error.status
     if study.launch and not study.launched:
         print(
-            "fam-hf compare: the command does not start a Python script (python SCRIPT.py, accelerate launch, "
-            "torchrun), so its runs execute as they are, not under fam-hf launch: each must show that its arm acted "
-            "through the fam_config.json or trainer_state.json it saves.",
+            "fam-hf compare: the command starts nothing fam-hf launch can run (python SCRIPT.py, python -m MODULE, "
+            "accelerate launch, torchrun, or a console script installed in this Python environment), so its runs "
+            "execute as they are, with the settings appended as flags (--seed, --output_dir, the arm's): each must "
+            "take them and show that its arm acted through the fam_config.json or trainer_state.json it saves.",
             file=sys.stderr,
         )
     backend: Any = None

@@ -2,7 +2,8 @@
 everything compare writes (``runs.jsonl``, ``compare.json``, ``compare.md`` and the logs).
 
 A name is secret when it contains ``token``, ``key``, ``secret`` or ``password`` (any case): ``--hub_token``,
-``--api-key``, ``HF_TOKEN``, ``WANDB_API_KEY``. Commands are redacted flag by flag. A run's log is what its command
+``--api-key``, ``HF_TOKEN``, ``WANDB_API_KEY``, and the fields of ``FAM_HF_SETTINGS`` so named (``hub_token``).
+Commands are redacted flag by flag, settings field by field. A run's log is what its command
 printed, so every line is searched for the secret values themselves (those of its command and of its environment)
 before it is written; values shorter than :data:`MIN_SECRET` characters are left alone there (``false``, ``1``: no
 credential is that short, and blanking them would garble the log).
@@ -11,6 +12,7 @@ credential is that short, and blanking them would garble the log).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 SECRET_WORDS = ("token", "key", "secret", "password")
 HIDDEN = "***"
@@ -43,10 +45,18 @@ def redact_command(command: Sequence[str]) -> list[str]:
     return out
 
 
-def secret_values(command: Sequence[str], environment: Mapping[str, str]) -> list[str]:
-    """Return the secret values of a command's flags and of an environment, longest first (so that a value that
-    contains another is hidden whole)."""
+def redact_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Return ``settings`` (``FAM_HF_SETTINGS``) with the value of every secret field hidden."""
+    return {name: HIDDEN if is_secret(name) and value is not None else value for name, value in settings.items()}
+
+
+def secret_values(
+    command: Sequence[str], environment: Mapping[str, str], settings: Mapping[str, Any] | None = None
+) -> list[str]:
+    """Return the secret values of a command's flags, of an environment and of settings, longest first (so that a
+    value that contains another is hidden whole)."""
     values = {value for name, value in environment.items() if is_secret(name)}
+    values |= {str(value) for name, value in (settings or {}).items() if is_secret(name) and value is not None}
     for token, hidden in zip(command, redact_command(command)):
         if token != hidden:
             values.add(token.partition("=")[2] if "=" in token and token.startswith("-") else token)

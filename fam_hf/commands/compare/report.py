@@ -12,6 +12,7 @@ from typing import Any
 
 from ...tools.stats import markdown_table, paired_difference
 from .arms import BASELINE
+from .command import flagged_controls
 from .store import jsonable
 from .study import CONFIRMATION, SCREENING, Study, seed_list
 
@@ -85,9 +86,8 @@ def build_report(study: Study, records: Sequence[dict[str, Any]], failures: Sequ
         "baseline": BASELINE,
         "command": study.shown_command,
         "launched": study.launched,
-        "arms": {
-            a.name: {"settings": a.fields, "flags": a.flags()} for a in [*study.arms, *filter(None, [study.confirm])]
-        },
+        "arms": {a.name: _arm_entry(study, a) for a in [*study.arms, *filter(None, [study.confirm])]},
+        "base_settings": study.shown_base_settings,
         "metrics": metrics,
         "screening": {"seeds": study.screening_seeds, "arms": {}},
         "confirmation": {},
@@ -114,6 +114,18 @@ def build_report(study: Study, records: Sequence[dict[str, Any]], failures: Sequ
             report["wall_s"][arm] = sum(times) / len(times)
     report["readings"] = readings(report)
     return report
+
+
+def _arm_entry(study: Study, arm: Any) -> dict[str, Any]:
+    """How a run gets the arm's settings: its ``FAM_HF_SETTINGS`` and flags under the launcher, else its flags."""
+    if not study.launched:
+        return {"settings": arm.fields, "flags": arm.flags()}
+    flagged = flagged_controls(arm, study.fields)
+    return {
+        "settings": arm.fields,
+        "environment": arm.environment_settings(flagged),
+        "flags": [token for name in flagged for token in (f"--{name}", arm.controls[name])],
+    }
 
 
 def readings(report: dict[str, Any]) -> list[str]:
@@ -202,13 +214,25 @@ def markdown_report(study: Study, report: dict[str, Any]) -> str:
     """Return ``compare.md``: the command, the arms, one table per stage, the readings in words."""
     lines = ["# fam-hf compare", "", f"Command: `{shlex.join(study.shown_command)}`", ""]
     if report.get("launched"):
-        lines += ["Each run executes it under `fam-hf launch` (`-m fam_hf.launch`), which instruments its Trainer.", ""]
-    lines += ["Arms (each run also gets `--seed N --output_dir DIR/runs/<arm>-seed<N>`):", ""]
-    for name, arm in report["arms"].items():
-        lines.append(
-            f"- `{name}`: `{' '.join(arm['flags'])}`"
-            + (" (fam_lambda removed from the command)" if arm["settings"].get("fam_lambda", 0) is None else "")
-        )
+        base = report.get("base_settings")
+        lines += [
+            "Each run executes it unchanged under `fam-hf launch` (`-m fam_hf.launch`), which instruments its Trainer "
+            "and gives every training-arguments object of the run its arm's settings through `FAM_HF_SETTINGS`, with "
+            "`seed` and `output_dir` (`DIR/runs/<arm>-seed<N>`)"
+            + (f", over the exported `{json.dumps(base)}`" if base else "")
+            + ". Arms (`null`: unset, fam_lambda calibrated from fam_share):",
+            "",
+        ]
+        for name, arm in report["arms"].items():
+            flags = f", and appended `{' '.join(arm['flags'])}`" if arm.get("flags") else ""
+            lines.append(f"- `{name}`: `{json.dumps(arm.get('environment', arm['settings']))}`{flags}")
+    else:
+        lines += ["Arms (each run also gets `--seed N --output_dir DIR/runs/<arm>-seed<N>`):", ""]
+        for name, arm in report["arms"].items():
+            lines.append(
+                f"- `{name}`: `{' '.join(arm['flags'])}`"
+                + (" (fam_lambda removed from the command)" if arm["settings"].get("fam_lambda", 0) is None else "")
+            )
     headers = ["arm", "metric", "plain mean", "arm mean", "difference [95% CI]", "seeds", "reading"]
     lines += ["", f"## Screening (seeds {seed_list(report['screening']['seeds'])})", ""]
     rows = [

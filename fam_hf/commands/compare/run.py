@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ...defaults import LAUNCH_RECORD_VARIABLE
-from .redact import Redactor, redact_command, secret_values
+from .redact import Redactor, redact_command, redact_settings, secret_values
 from .verify import launch_evidence, saved_evidence, verify_run
 
 LOG_TAIL_LINES = 40
@@ -39,6 +39,8 @@ class RunSpec:
     cwd: str
     expect: dict[str, Any]
     env: dict[str, str] = field(default_factory=dict)
+    launched: bool = False  # run under fam-hf launch, its settings in FAM_HF_SETTINGS (else appended as flags)
+    settings: dict[str, Any] | None = None  # its FAM_HF_SETTINGS
 
     @property
     def owner_file(self) -> Path:
@@ -74,7 +76,10 @@ def execute_run(spec: RunSpec, started: Callable[[subprocess.Popen], Any] | None
         "log": spec.log,
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        "launched": spec.launched,
     }
+    if spec.settings is not None:
+        result["settings"] = redact_settings(spec.settings)
     owner = live_owner(spec.owner_file)
     if owner is not None:
         result["error"] = (
@@ -94,11 +99,13 @@ def execute_run(spec: RunSpec, started: Callable[[subprocess.Popen], Any] | None
         LAUNCH_RECORD_VARIABLE: str(spec.launch_record),
         **spec.env,
     }
-    redactor = Redactor(secret_values(spec.argv, env))
+    redactor = Redactor(secret_values(spec.argv, env, spec.settings))
     cwd = spec.cwd if os.path.isdir(spec.cwd) else None
     start = time.perf_counter()
     with open(log, "wb") as handle:
         header = f"# fam-hf compare: arm {spec.arm}, seed {spec.seed} ({spec.stage})\n# {shlex.join(shown_argv)}\n"
+        if spec.settings is not None:
+            header += f"# FAM_HF_SETTINGS={json.dumps(result['settings'])}\n"
         handle.write(redactor(header.encode()))
         handle.flush()
         try:
@@ -136,7 +143,8 @@ def execute_run(spec: RunSpec, started: Callable[[subprocess.Popen], Any] | None
             f"the run finished but wrote no evaluation metric in its output_dir {output_dir} (looked for "
             f"{', '.join(looked)}). The script must evaluate after training and save the metrics: "
             "metrics = trainer.evaluate(); trainer.save_metrics('eval', metrics) (or save_state() with evaluation "
-            "during training), into --output_dir, which compare sets."
+            "during training), into its training arguments' output_dir, which compare sets "
+            + ("(through FAM_HF_SETTINGS)." if spec.launched else "(--output_dir).")
         )
         result["log_tail"] = log_tail(log)
         return result
@@ -144,7 +152,7 @@ def execute_run(spec: RunSpec, started: Callable[[subprocess.Popen], Any] | None
     if evidence is None:
         saved = saved_evidence(output_dir)
         evidence = [saved] if saved is not None else []
-    error, shown = verify_run(spec.expect, evidence)
+    error, shown = verify_run(spec.expect, evidence, launched=spec.launched)
     if error:
         result["error"] = error
         result["log_tail"] = log_tail(log)

@@ -1,9 +1,12 @@
 """A study: its arms, seeds and stages (screening, then confirmation on fresh seeds), the command each run executes
-(under ``fam-hf launch`` unless told not to), and the rules that keep a resumed study honest. :mod:`.loop` runs it,
+(under ``fam-hf launch``, its settings in ``FAM_HF_SETTINGS``, unless told not to: then appended as flags), and the
+rules that keep a resumed study honest. :mod:`.loop` runs it,
 :mod:`.report` reports it."""
 
 from __future__ import annotations
 
+import functools
+import json
 import shlex
 import warnings
 from collections.abc import Sequence
@@ -12,8 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from .arms import BASELINE, Arm, CompareError
-from .command import launched, run_command
-from .redact import redact_command
+from .command import (
+    SETTINGS_VARIABLE,
+    flagged_controls,
+    launched,
+    launched_command,
+    run_command,
+    run_settings,
+    training_fields,
+    user_settings,
+)
+from .redact import redact_command, redact_settings
 from .run import RunSpec
 from .store import RUNS_NAME, merge_runs, read_runs
 
@@ -61,6 +73,10 @@ class Study:
                 raise CompareError(f"--confirm-seeds {self.confirm_seeds} gives no interval: use 2 or more.")
         self.out = Path(self.out).resolve()
         self.baseline = self.arms[0]
+        # what the user exported in FAM_HF_SETTINGS: every launched run takes it, under the arm's own settings
+        self.base_settings = user_settings() if self.launched else {}
+        controls = any(arm.controls for arm in [*self.arms, *filter(None, [self.confirm])])
+        self.fields = training_fields() if self.launched and controls else None
 
     @property
     def runs_path(self) -> Path:
@@ -71,10 +87,16 @@ class Study:
         """The command as compare writes it anywhere: the values of secret flags hidden (:mod:`.redact`)."""
         return redact_command(self.command)
 
-    @property
+    @functools.cached_property
     def launched(self) -> bool:
-        """Whether each run executes the command under ``fam-hf launch`` (a Python script, without --no-launch)."""
+        """Whether each run executes the command under ``fam-hf launch`` (a Python script, a module or a console
+        script, without --no-launch), its settings in ``FAM_HF_SETTINGS``; else they are appended as flags."""
         return self.launch and launched(self.command) is not None
+
+    @property
+    def shown_base_settings(self) -> dict[str, Any]:
+        """The user's ``FAM_HF_SETTINGS`` as compare writes it anywhere: secret values hidden."""
+        return redact_settings(self.base_settings)
 
     @property
     def screening_seeds(self) -> list[int]:
@@ -95,18 +117,30 @@ class Study:
     def spec(self, arm: Arm, seed: int, stage: str) -> RunSpec:
         name = f"{arm.slug}-seed{seed}"
         output_dir = self.out / "runs" / name
-        argv = run_command(self.command, arm, seed, output_dir)
+        env = {"FAM_HF_COMPARE_ARM": arm.name, "FAM_HF_COMPARE_SEED": str(seed)}
+        if not self.launched:  # nothing but the command line can carry the settings
+            argv = run_command(self.command, arm, seed, output_dir)
+            return RunSpec(
+                arm.name, seed, stage, argv, str(output_dir), self._log(name), str(self.cwd), arm.fields, env
+            )
+        flagged = flagged_controls(arm, self.fields)
+        settings = run_settings(arm, seed, output_dir, self.base_settings, flagged)
         return RunSpec(
             arm=arm.name,
             seed=seed,
             stage=stage,
-            argv=(launched(argv) or argv) if self.launch else argv,
+            argv=launched_command(self.command, arm, self.fields),
             output_dir=str(output_dir),
-            log=str(self.out / "logs" / f"{name}.log"),
+            log=self._log(name),
             cwd=str(self.cwd),
-            expect=arm.fields,
-            env={"FAM_HF_COMPARE_ARM": arm.name, "FAM_HF_COMPARE_SEED": str(seed)},
+            expect=arm.environment_settings(flagged),
+            env={**env, SETTINGS_VARIABLE: json.dumps(settings)},
+            launched=True,
+            settings=settings,
         )
+
+    def _log(self, name: str) -> str:
+        return str(self.out / "logs" / f"{name}.log")
 
     def recorded(self) -> list[dict[str, Any]]:
         """Return the finished runs of ``runs.jsonl`` (each (arm, seed) once); refuse a log of another study."""
@@ -125,6 +159,12 @@ class Study:
                 f"{self.runs_path} holds some (arm, seed) twice; the first record of each counts.", stacklevel=2
             )
         for record in unique:
+            if record.get("base_settings", {}) != self.shown_base_settings:
+                was, now = json.dumps(record.get("base_settings", {})), json.dumps(self.shown_base_settings)
+                raise CompareError(
+                    f"{self.out} holds a study run with {SETTINGS_VARIABLE}={was}, not {now} as exported now. Export "
+                    f"the study's own, use another --out, or remove {self.runs_path} to start over."
+                )
             if record.get("base_command") != self.shown_command:
                 raise CompareError(
                     f"{self.out} holds a study of another command:\n  {shlex.join(record.get('base_command') or [])}\n"

@@ -1,5 +1,6 @@
-"""``fam-hf compare`` rewrites the user's command for a run: the arm's flags last, the fields it unsets removed, config
-files that would set them refused."""
+"""``fam-hf compare``'s command for a run: under the launcher the command unchanged and the settings in
+``FAM_HF_SETTINGS`` (the user's own merged under the arm's); without it (``--no-launch``) the arm's flags last, the
+fields it unsets removed, config files that would set them refused."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 import yaml
-from compare_fake import RECIPES
+from compare_fake import RECIPES, STRICT_NAME
 
 from fam_hf.commands import compare
 from fam_hf.commands.compare import CompareError, parse_arm
@@ -85,3 +86,50 @@ def test_arms_that_set_fam_lambda_drop_the_commands_fam_share():
     assert fam[: len(command)] == command  # the command's share stays, and the arm's own, appended, wins
     assert fam[len(command) :][:2] == ["--fam_share", "0.01"] and "--fam_lambda" not in fam
     assert parse_arm("plain").removed == ["fam_share"] and parse_arm("fam").removed == ["fam_lambda"]
+
+
+def test_the_launcher_runs_scripts_modules_and_console_scripts_installed_here(fake_launcher):
+    launcher = compare.command.LAUNCHER  # the fake's, here; fam_hf.launch for real
+    assert compare.launched(["python3", "-W", "ignore", "train.py", "--x", "1"]) == [
+        "python3", "-W", "ignore", "-m", launcher, "train.py", "--x", "1",
+    ]  # fmt: skip
+    assert compare.launched(["python", "-m", "pkg.train", "a"]) == ["python", "-m", launcher, "-m", "pkg.train", "a"]
+    assert compare.launched(["torchrun", "--nproc_per_node", "2", "t.py"])[3:6] == ["-m", launcher, "t.py"]
+    # a console script installed in this environment (llamafactory-cli, here its fake), also named by its path
+    argv = [sys.executable, "-m", launcher, STRICT_NAME, "train", "cfg.yaml"]
+    assert compare.launched([STRICT_NAME, "train", "cfg.yaml"]) == argv
+    assert compare.launched([f"/some/env/bin/{STRICT_NAME}", "train", "cfg.yaml"]) == argv
+    for nothing in (["bash", "train.sh"], ["python", "-c", "pass"], ["no-such-cli-installed", "train"]):
+        assert compare.launched(nothing) is None, nothing
+    assert compare.launched(["fam-hf", "launch", "t.py"]) == ["fam-hf", "launch", "t.py"]  # already launched
+
+
+def test_a_launched_runs_settings_merge_the_users_own_under_the_arms_and_unset_what_the_arm_removes():
+    exported = {"fam_lambda": 0.3, "fam_share": 0.2, "learning_rate": 1e-3, "seed": 9}
+    assert compare.command.run_settings(parse_arm("plain"), 3, "/o", exported) == {
+        "fam_lambda": 0.0, "fam_share": None, "learning_rate": 1e-3, "seed": 3, "sam_rho": 0.0, "output_dir": "/o",
+    }  # fmt: skip
+    fam = compare.command.run_settings(parse_arm("fam:weights@0.02"), 1, "/o", exported)
+    assert (fam["fam_lambda"], fam["fam_share"], fam["fam_gradient"], fam["sam_rho"]) == (None, 0.02, "weights", 0.0)
+    # controls typed as JSON; one that no training argument takes goes on the command line instead
+    arm = parse_arm("plain+learning_rate=2e-3+lr_scheduler_type=cosine+train_temperature=1.2")
+    settings = compare.command.run_settings(arm, 0, "/o", flagged=["train_temperature"])
+    assert (settings["learning_rate"], settings["lr_scheduler_type"]) == (0.002, "cosine")
+    assert "train_temperature" not in settings
+    fields = {"learning_rate", "lr_scheduler_type"}
+    assert compare.command.launched_command(["python", "t.py"], arm, fields)[-2:] == ["--train_temperature", "1.2"]
+    with pytest.raises(CompareError, match="FAM_HF_SETTINGS is not JSON"):
+        compare.command.user_settings({"FAM_HF_SETTINGS": "fam_lambda=1"})
+    assert compare.command.user_settings({"FAM_HF_SETTINGS": " "}) == {}
+
+
+def test_a_launched_study_leaves_a_config_that_sets_fam_lambda_to_the_settings(fake_launcher, tmp_path):
+    """Flags cannot unset a config file's fam_lambda, so --no-launch refuses the fam arms; FAM_HF_SETTINGS can."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"fam_lambda": 0.5}))
+    args = compare.build_parser().parse_args(["--arms", "plain", "fam", "--", "python", "train.py", str(config)])
+    study = compare.study_from_args(args)
+    assert study.launched and study.spec(study.arms[1], 0, "screening").expect["fam_lambda"] is None
+    args.no_launch = True
+    with pytest.raises(CompareError, match="cannot unset a value a config file sets"):
+        compare.study_from_args(args)

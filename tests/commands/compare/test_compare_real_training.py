@@ -1,6 +1,9 @@
 """``fam-hf compare`` on real training, tiny models: the text-classification recipe from a YAML config (2 arms x 2
 seeds), an unmodified plain-Trainer script under the launcher (3 arms x 2 seeds), and single runs of scripts that do
-not show FAM acting."""
+not show FAM acting.
+
+The launched ones need ``fam-hf launch`` with ``FAM_HF_SETTINGS`` and the counted record (issue 26, the launcher's
+side): until it lands they are skipped, saying so."""
 
 from __future__ import annotations
 
@@ -11,14 +14,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from compare_fake import FAST, RECIPES, ROOT, compare_main, runs
+from compare_fake import FAST, RECIPES, ROOT, compare_main, launcher_has_settings, runs
 from safetensors.torch import load_file
 
 from fam_hf.commands import compare
 
 SCRIPTS = ROOT / "tests" / "scripts"
+needs_the_settings_launcher = pytest.mark.skipif(
+    not launcher_has_settings(),
+    reason="fam-hf launch does not apply FAM_HF_SETTINGS or count penalized_steps yet (issue 26, the launcher's side)",
+)
 
 
+@needs_the_settings_launcher
 def test_the_text_classification_recipe_from_a_yaml_config(bert_classifier, text_csv, tmp_path):
     """The real recipe, its YAML setting values that compare must override: seed, output_dir, fam_lambda, sam_rho."""
     config = tmp_path / "config.yaml"
@@ -62,12 +70,15 @@ def test_the_text_classification_recipe_from_a_yaml_config(bert_classifier, text
     assert loss["ci95"] == pytest.approx([sum(diffs) / 2 - half, sum(diffs) / 2 + half])
 
 
+@needs_the_settings_launcher
 def test_an_unmodified_plain_trainer_script_gives_fam_and_sam_runs_that_differ_from_plain(tmp_path):
     """transformers' Trainer, TrainingArguments through HfArgumentParser, nothing of FAM: compare runs it under
-    fam-hf launch, and every run shows that its arm acted."""
+    fam-hf launch, and every run shows that its arm acted, though under the default logging_steps=500 it logged
+    nothing (issue 26: run_classification.py's 8 steps failed every fam run so)."""
     out = tmp_path / "study"
     command = [sys.executable, str(SCRIPTS / "launch_classification.py"), "--do_train", "--do_eval"]
-    command += ["--max_steps", "3", "--learning_rate", "0.01", "--save_strategy", "no", *FAST]
+    fast = [part for part in FAST if part not in ("--logging_steps", "1")]
+    command += ["--max_steps", "3", "--learning_rate", "0.01", "--save_strategy", "no", *fast]
     options = ["--seeds", "2", "--arms", "plain", "fam", "sam", "--jobs", "2", "--no-progress"]
     assert compare_main(out, command, *options) == 0
     records = runs(out)
@@ -75,18 +86,19 @@ def test_an_unmodified_plain_trainer_script_gives_fam_and_sam_runs_that_differ_f
     weights = {}
     for record in records:
         assert record["settings_verified"] is True and "fam-hf launch record" in record["settings_source"]
-        assert record["command"][1:4] == ["-m", "fam_hf.launch", command[1]]
+        assert record["command"] == [command[0], "-m", "fam_hf.launch", *command[1:]]  # nothing appended
         launched = json.loads(Path(record["log"]).with_suffix(".launch.json").read_text())
         (trainer,) = launched["trainers"]
         assert trainer["trainer"] == "fam_hf.trainer.FAMTrainer" and trainer["steps"] == 3
         log = Path(record["log"]).read_text()
-        if record["arm"] == "fam":  # calibrated to fam_share 0.001 on the first batch, logged at every step
+        assert trainer["relative_flatness_logs"] == 0  # never logged: the counts verify the runs
+        if record["arm"] == "fam":  # calibrated to fam_share 0.001 on the first batch, then on every step
             assert record["verified"].startswith("FAM acted: fam_lambda=") and trainer["fam_lambda"] > 0
-            assert "is 0.001 of the task loss" in log and trainer["relative_flatness_logs"] == 3
+            assert "is 0.001 of the task loss" in log and trainer["penalized_steps"] == 3
         elif record["arm"] == "sam":
-            assert record["verified"].startswith("SAM acted: sam_rho=0.05") and trainer["sam"]
+            assert record["verified"].startswith("SAM acted: sam_rho=0.05, 3 SAM step(s)") and trainer["sam_steps"] == 3
         else:
-            assert record["verified"].startswith("plain: fam_lambda=0") and trainer["fam_lambda"] == 0.0
+            assert record["verified"].startswith("plain: no step penalized") and trainer["fam_lambda"] == 0.0
         weights[record["arm"], record["seed"]] = load_file(Path(record["output_dir"]) / "model.safetensors")
     for seed in (0, 1):
         plain = weights["plain", seed]
