@@ -1,6 +1,6 @@
-"""Instrumenting one process for ``fam-hf launch``: transformers' (and TRL's) trainer classes resolve to FAM's, every FAM
-trainer built is recorded (:mod:`fam_hf.launch_record`), every FAM training-arguments object takes the settings asked
-for (:mod:`fam_hf.launch_settings`), fam_hf's INFO lines show, and FAM's refusals print as one line.
+"""Instrumenting one process for ``fam-hf launch``: transformers' (and TRL's) trainer classes resolve to FAM's, every
+FAM trainer built is recorded (:mod:`fam_hf.launch_record`), every FAM training-arguments object takes the settings
+asked for (:mod:`fam_hf.launch_settings`), fam_hf's INFO lines show, and FAM's refusals print as one line.
 
 The launching process enters :func:`instrumented` around the command; every Python process started below it runs
 ``fam_hf/_bootstrap/sitecustomize.py`` (the launcher puts that folder first on ``PYTHONPATH`` and sets

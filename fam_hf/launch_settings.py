@@ -13,11 +13,13 @@ was asked for but that the trainer's arguments do not carry (the framework chang
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import re
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +110,7 @@ def check_names(values: Mapping[str, Any], where: str) -> None:
         )
 
 
-# ---- the launcher's own options: fam-hf launch --fam_share 0.05 --seed 3 -- COMMAND ... -------------------------------
+# ---- the launcher's own options: fam-hf launch --fam_share 0.05 --seed 3 -- COMMAND ... ------------------------------
 
 
 def parse_options(argv: Sequence[str]) -> tuple[AskedSettings, dict[str, bool], list[str]]:
@@ -143,7 +145,7 @@ def parse_options(argv: Sequence[str]) -> tuple[AskedSettings, dict[str, bool], 
         index += 1
         if not equals:
             following = argv[index] if index < len(argv) else None
-            if _is_bool(fields[name]) and (following is None or following.lower() not in TRUE + FALSE):
+            if _is_bool(name) and (following is None or following.lower() not in TRUE + FALSE):
                 raw = "true"
             elif following is None or following == "--":
                 raise LaunchError(f"the launcher option --{name} needs a value: --{name} VALUE")
@@ -156,11 +158,11 @@ def parse_options(argv: Sequence[str]) -> tuple[AskedSettings, dict[str, bool], 
 
 def convert(name: str, raw: str) -> Any:
     """The value of ``--name raw`` as ``FAMTrainingArguments`` types it (``null`` / ``None``: unset)."""
-    declared = _declared(training_fields()[name])
+    declared = _declared(name)
     text = raw.strip()
     if text in ("null", "None") and ("None" in declared or "Optional" in declared):
         return None
-    if _is_bool(training_fields()[name]) and text.lower() in TRUE + FALSE:
+    if _is_bool(name) and text.lower() in TRUE + FALSE:
         return text.lower() in TRUE
     for kind, parse in (("int", int), ("float", float)):
         if re.search(rf"\b{kind}\b", declared):
@@ -176,12 +178,23 @@ def convert(name: str, raw: str) -> Any:
         return raw
 
 
-def _declared(spec: dataclasses.Field) -> str:
-    return spec.type if isinstance(spec.type, str) else repr(spec.type)
+@functools.cache
+def _type_hints() -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(FAMTrainingArguments)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve here: read the fields' own
+        return {}
 
 
-def _is_bool(spec: dataclasses.Field) -> bool:
-    return re.search(r"\bbool\b", _declared(spec)) is not None
+def _declared(name: str) -> str:
+    """The declared type of field ``name``, in words (the annotation: ``HfArgumentParser`` rewrites a field's
+    ``type`` in place, ``str | None`` to ``str``)."""
+    hint = _type_hints().get(name, training_fields()[name].type)
+    return hint if isinstance(hint, str) else repr(hint)
+
+
+def _is_bool(name: str) -> bool:
+    return re.search(r"\bbool\b", _declared(name)) is not None
 
 
 # ---- fam_* keys in the config files the launched command names -------------------------------------------------------

@@ -39,7 +39,7 @@ def test_the_launcher_options_are_typed_as_the_fields_and_end_at_the_command():
 def test_unknown_settings_are_refused_with_a_clear_message(tmp_path, monkeypatch, capsys):
     assert launch_main(["--fam_shar", "0.05", "--", str(SCRIPT), str(config(tmp_path))]) == 1
     error = capsys.readouterr().err
-    assert error.startswith("fam-hf launch: the launcher option --fam_shar sets fam_shar, which is no training argument")
+    assert error.startswith("fam-hf launch: the launcher option --fam_shar sets fam_shar, which is no training")
     monkeypatch.setenv(SETTINGS_VARIABLE, '{"learning_rat": 0.1}')
     with pytest.raises(LaunchError, match=f"{SETTINGS_VARIABLE} sets learning_rat"):
         AskedSettings.from_environment()
