@@ -30,7 +30,14 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import find_batch_size
 
-from .certificate import certified_curvature, check_forms, isolated_rerun, mismatch_message, normalization_message
+from .certificate import (
+    certified_curvature,
+    check_forms,
+    in_rerun,
+    isolated_rerun,
+    mismatch_message,
+    normalization_message,
+)
 from .certificate_batch import CertificateBatch, certificate_batches
 from .evaluation import first_examples, kept_examples, padded_last_batch
 from .probe import BatchFlatness, FlatnessProbe
@@ -183,8 +190,9 @@ class RelativeFlatnessCallback(TrainerCallback):
     # ---- the model's forward pass ----------------------------------------------------------------------------------
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        if self._open is not None or not self._probes or self._replaying:
-            return  # a nested forward pass (the model calling itself) belongs to the one already watched
+        if self._open is not None or not self._probes or self._replaying or in_rerun():
+            return  # a nested forward pass (the model calling itself) belongs to the one already watched; a
+            # certificate's rerun (FAMTrainer's, on a part of the batch) is no batch
         if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
             return  # a generation step, not a batch
         if module.training:

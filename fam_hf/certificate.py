@@ -459,13 +459,25 @@ def isolated_rerun(model: nn.Module, device: torch.device | None = None) -> Iter
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = [device] if device is not None and device.type == "cuda" else []
     device_type = device.type if device is not None else "cpu"
+    global _RERUNS
     with torch.random.fork_rng(devices=devices), torch.autocast(device_type, enabled=False):
+        _RERUNS += 1
         try:
             yield
         finally:
+            _RERUNS -= 1
             with torch.no_grad():
                 for buffer, saved in buffers:
                     buffer.copy_(saved)
+
+
+_RERUNS = 0  # how many certificate reruns are in progress
+
+
+def in_rerun() -> bool:
+    """Whether a certificate rerun is in progress: its forward passes are no batch of the run (the callback skips
+    them, though they run through the head it watches)."""
+    return _RERUNS > 0
 
 
 def log_certified(check: FormCheck, assumed: HeadTask, where: str, source: str, loss: str) -> None:

@@ -361,10 +361,14 @@ def test_a_training_forward_without_gradient_is_not_the_measured_batch(tmp_path)
     assert entry["relative_flatness"] == pytest.approx(_expected(model, batch), rel=1e-6)
 
 
-def test_beside_fam_trainer_it_logs_under_its_own_key_and_keeps_fams(tmp_path):
+@pytest.mark.parametrize("certificate_positions", [128, 4])
+def test_beside_fam_trainer_it_logs_under_its_own_key_and_keeps_fams(certificate_positions, tmp_path, monkeypatch):
     """FAMTrainer logs relative_flatness (normalized here) and eval_relative_flatness; the callback (not normalized)
-    adds relative_flatness_callback and eval_relative_flatness_callback instead of overwriting them."""
+    adds relative_flatness_callback and eval_relative_flatness_callback instead of overwriting them. FAMTrainer's
+    certificate reruns (on 2 of the 4 examples with 4 positions) are no evaluation batch of the callback's."""
     from fam_hf import FAMTrainer, FAMTrainingArguments
+
+    monkeypatch.setattr("fam_hf.certificate_batch.CERTIFICATE_POSITIONS", certificate_positions)
 
     def run(callbacks):
         model = build("bert", "sequence", dtype=torch.float32)
