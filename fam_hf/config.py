@@ -37,9 +37,10 @@ class FAMTrainingArguments(TrainingArguments):
             across models, while a share of the loss is.
         fam_share (`float` or `None`, *optional*, defaults to `None`, meaning `0.001`):
             With `fam_lambda=None`, the penalty's share of the task loss on the first training batch, with the
-            penalty as the step computes it (exact, or the unbiased estimate of `fam_max_rows`). Pilots on held-out tasks found harm from 1% (`"full"`) or 10% (`"head"`,
-            `"weights"`) upwards, no significant gain anywhere, and a hint of one only at 0.1% on noisy labels; so
-            0.1% is the default, as the setting least likely to hurt. `docs/benchmarks.md` has the evidence as it
+            penalty as the step computes it (exact, or the unbiased estimate of `fam_max_rows`). Pilots on
+            held-out tasks found harm from 1% (`"full"`) or 10% (`"head"`, `"weights"`) upwards, no significant
+            gain anywhere, and a hint of one only at 0.1% on noisy labels; so 0.1% is the default, as the setting
+            least likely to hurt. `docs/benchmarks.md` has the evidence as it
             stands. Setting it together with a nonzero `fam_lambda` is an error: the share would be ignored.
 
     Parameters that control what the penalty measures:

@@ -8,3 +8,6 @@ DEFAULT_MODE = "auto"  # FAMTrainingArguments.fam_gradient
 DEFAULT_SHARE = 0.001  # FAMTrainingArguments.fam_share: the penalty's share of the first batch's task loss
 # fam-hf launch writes what the script's FAM trainers did to the file this variable names; fam-hf compare reads it
 LAUNCH_RECORD_VARIABLE = "FAM_HF_LAUNCH_RECORD"
+# a JSON object {field: value} that every FAM training-arguments object in a launched process tree takes; fam-hf
+# launch sets it from its options, fam-hf compare for each run
+SETTINGS_VARIABLE = "FAM_HF_SETTINGS"

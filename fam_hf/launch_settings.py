@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import FAM_FIELDS, FAMTrainingArguments, _parse_max_rows
+from .defaults import SETTINGS_VARIABLE
 
 logger = logging.getLogger(__name__)
 
-SETTINGS_VARIABLE = "FAM_HF_SETTINGS"  # a JSON object {field: value}: what every training-arguments object takes
 SOURCES_VARIABLE = "FAM_HF_SETTINGS_SOURCES"  # a JSON object {field: where it was asked}, for messages only
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 TRUE, FALSE = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off")

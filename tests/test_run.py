@@ -159,7 +159,8 @@ def test_frozen_head_is_refused_with_the_ways_out(tmp_path):
             train_dataset=as_dataset(batch),
             data_collator=collator(model.dtype),
         )
-        with pytest.raises(ValueError, match="FAM cannot act.*fam_gradient='auto' or 'full'.*modules_to_save.*fam_lambda=0"):
+        refusal = "FAM cannot act.*fam_gradient='auto' or 'full'.*modules_to_save.*fam_lambda=0"
+        with pytest.raises(ValueError, match=refusal):
             trainer.train()
 
 

@@ -19,11 +19,11 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ...defaults import SETTINGS_VARIABLE
 from .arms import Arm, CompareError
 
 LAUNCHER = "fam_hf.launch"
 # the settings every FAM training-arguments object of a launched run takes (a JSON object {field: value})
-SETTINGS_VARIABLE = "FAM_HF_SETTINGS"
 # Python's own options that take a value (``python -W ignore script.py``)
 PYTHON_VALUE_OPTIONS = ("-W", "-X", "--check-hash-based-pycs")
 # ``python -m LAUNCHER [OPTIONS] SCRIPT.py``: launchers that start the script in several processes
