@@ -283,7 +283,9 @@ def ax_yaml(work: Path, case: str, lora: bool, extra: dict) -> Path:
         "save_strategy": "no",
         "seed": 42,
         "special_tokens": {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"},
-        **({"adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_target_linear": True} if lora else {}),
+        # axolotl turns on its Triton LoRA kernels by itself, which need CUDA: off on CPU
+        **({"adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_target_linear": True,
+            "lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False} if lora else {}),
         "fam_share": FAM_SHARE,
         **extra,
     }
@@ -344,6 +346,10 @@ def cases_for(framework: str, work: Path) -> list[dict]:
                                      str(lf_yaml(work, "lf_full_fam_torchrun", False, fam))],
             env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": "PORT"},
             note="FORCE_TORCHRUN=1 NPROC_PER_NODE=2: the CLI re-launches itself under torchrun (2 CPU processes)")
+        add("lf_full_lambda0_torchrun", [*l0, "llamafactory-cli", "train",
+                                         str(lf_yaml(work, "lf_full_lambda0_torchrun", False, {}))],
+            plain="lf_full_plain_torchrun", env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": "PORT"},
+            note="fam_lambda 0 under torchrun, against the plain torchrun run")
         add("lf_full_plain_torchrun", ["llamafactory-cli", "train",
                                        str(lf_yaml(work, "lf_full_plain_torchrun", False, {}))],
             env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": "PORT"},
@@ -353,12 +359,18 @@ def cases_for(framework: str, work: Path) -> list[dict]:
             p = f"ax_{kind}"
             add(f"{p}_plain", ["python", "-m", "axolotl.cli.train", str(ax_yaml(work, f"{p}_plain", lora, {}))],
                 note="fam_share: 0.05 is in the YAML here too: axolotl's schema drops keys it does not know")
+            add(f"{p}_plain_again", ["python", "-m", "axolotl.cli.train",
+                                     str(ax_yaml(work, f"{p}_plain_again", lora, {}))], plain=f"{p}_plain",
+                note="the plain run twice: is the framework itself deterministic here?")
             add(f"{p}_fam_m", ["fam-hf", "launch", "-m", "axolotl.cli.train",
                                str(ax_yaml(work, f"{p}_fam_m", lora, {}))], plain=f"{p}_plain")
             add(f"{p}_fam_cli", ["fam-hf", "launch", "axolotl", "train", str(ax_yaml(work, f"{p}_fam_cli", lora, {}))],
                 plain=f"{p}_plain", note="the console script by name")
             add(f"{p}_lambda0_launcher", [*l0, "-m", "axolotl.cli.train",
                                           str(ax_yaml(work, f"{p}_lambda0_launcher", lora, {}))], plain=f"{p}_plain")
+        add("ax_full_fam_cli_python", ["fam-hf", "launch", "axolotl", "train",
+                                       str(ax_yaml(work, "ax_full_fam_cli_python", False, {})), "--launcher", "python"],
+            plain="ax_full_plain", note="axolotl train execs accelerate launch by default; --launcher python does not")
         add("ax_full_share_launcher", ["fam-hf", "launch", "--fam_share", str(FAM_SHARE), "--", "-m",
                                        "axolotl.cli.train", str(ax_yaml(work, "ax_full_share_launcher", False, {}))],
             plain="ax_full_plain", note="fam_share given to the launcher, as the YAML's is dropped")
@@ -383,6 +395,9 @@ def cases_for(framework: str, work: Path) -> list[dict]:
             note="tests/scripts/launch_sft.py: a script in the shape of TRL's sft.py")
         add("trl_sft_fam", ["fam-hf", "launch", sft, "--output_dir", out("trl_sft_fam"), *common,
                             "--fam_share", str(FAM_SHARE)], plain="trl_sft_plain")
+        add("trl_sft_fam_fp32", ["fam-hf", "launch", sft, "--output_dir", out("trl_sft_fam_fp32"), *common,
+                                 "--fam_share", str(FAM_SHARE), "--bf16", "false"], plain="trl_sft_plain",
+            note="SFTConfig's bf16 default turned off")
         add("trl_sft_lambda0_args", ["fam-hf", "launch", sft, "--output_dir", out("trl_sft_lambda0_args"), *common,
                                      "--fam_lambda", "0"], plain="trl_sft_plain", note="--fam_lambda 0 to the script")
         add("trl_sft_lambda0_launcher", [*l0, sft, "--output_dir", out("trl_sft_lambda0_launcher"), *common],
