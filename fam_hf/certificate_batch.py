@@ -69,7 +69,7 @@ def certificate_batches(
     if size * per_example <= budget:
         return [whole]
     keep = max(2, budget // per_example) if length is not None else max(2, budget // 64)
-    chosen = _choose_examples(labels, size, min(keep, size))
+    chosen = _choose_examples(inputs, labels, size, min(keep, size), task)
     examples = {k: _take(v, chosen) for k, v in inputs.items()}
     candidates = [CertificateBatch(examples, whole=False, examples=len(chosen))]
     window = max(budget // len(chosen), MINIMUM_WINDOW)
@@ -104,18 +104,39 @@ def _sequence_length(inputs: dict[str, Any]) -> int | None:
     return ids.shape[1] if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
 
 
-def _counted(labels: torch.Tensor | None, size: int) -> torch.Tensor:
-    """Each example's number of counted labels (1 for an example-level label)."""
-    if labels is None or labels.is_floating_point() or labels.dim() < 2:
-        return torch.ones(size, dtype=torch.long)
-    return (labels != IGNORE_INDEX).reshape(size, -1).sum(-1).cpu()
+def _token_labels(labels: torch.Tensor | None, size: int) -> bool:
+    """Whether the labels are per position (class indices with -100 where a position does not count)."""
+    return labels is not None and not labels.is_floating_point() and labels.dim() >= 2 and labels.shape[0] == size
 
 
-def _choose_examples(labels: torch.Tensor | None, size: int, keep: int) -> list[int]:
-    """The examples the certificate sees: the most and the fewest counted labels, then new labels, in batch order."""
-    counted = _counted(labels, size)
-    candidates = [i for i in range(size) if counted[i] > 0] or list(range(size))
-    chosen = [max(candidates, key=lambda i: int(counted[i])), min(candidates, key=lambda i: int(counted[i]))]
+def _attended(inputs: dict[str, Any], task: HeadTask) -> torch.Tensor | None:
+    """Each position's place in its sequence, ``True`` where it is not padding; ``None`` if the batch does not say.
+
+    A decoder classifier reads the last position that is not padding: which rows the loss takes shows only where
+    padding begins, so that boundary is what the windows of example-level labels keep."""
+    mask = inputs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask != 0
+    ids = inputs.get("input_ids")
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2 and task.pad_token_id is not None:
+        return ids != task.pad_token_id
+    return None
+
+
+def _lengths(inputs: dict[str, Any], labels: torch.Tensor | None, size: int, task: HeadTask) -> torch.Tensor:
+    """Each example's counted labels (per-position labels), or its positions that are not padding."""
+    if _token_labels(labels, size):
+        return (labels != IGNORE_INDEX).reshape(size, -1).sum(-1).cpu()
+    attended = _attended(inputs, task)
+    return attended.sum(-1).cpu() if attended is not None else torch.ones(size, dtype=torch.long)
+
+
+def _choose_examples(inputs: dict[str, Any], labels: torch.Tensor | None, size: int, keep: int, task: HeadTask):
+    """The examples the certificate sees: the longest and the shortest (in counted labels, or in positions that are
+    not padding), then examples of labels not seen yet, then the rest, in batch order."""
+    lengths = _lengths(inputs, labels, size, task)
+    candidates = [i for i in range(size) if lengths[i] > 0] or list(range(size))
+    chosen = [max(candidates, key=lambda i: int(lengths[i])), min(candidates, key=lambda i: int(lengths[i]))]
     if labels is not None and not labels.is_floating_point() and labels.dim() == 1:
         seen = {int(labels[i]) for i in chosen}
         for i in candidates:
@@ -138,14 +159,15 @@ def _cut(
     """Cut every position dimension of ``length`` to ``window`` positions per example, or ``None`` if no labels
     would count in the windows."""
     labels = inputs.get(label_key) if label_key else None
-    token_labels = isinstance(labels, torch.Tensor) and not labels.is_floating_point() and labels.dim() == 2
-    token_labels = token_labels and labels.shape[1] == length
     size = inputs["input_ids"].shape[0]
+    token_labels = _token_labels(labels, size) and labels.shape[1] == length
+    marks = (labels != IGNORE_INDEX) if token_labels else _attended(inputs, task)
     starts = [0] * size
-    if token_labels:
+    if marks is not None:  # each window ends at the last counted label, or just past the last position not padding
+        past = 0 if token_labels else 1
         for k in range(size):
-            counted = (labels[k] != IGNORE_INDEX).nonzero()
-            last = int(counted.max()) + 1 if counted.numel() else length
+            marked = marks[k].nonzero()
+            last = int(marked.max()) + 1 + past if marked.numel() else length
             starts[k] = min(max(last - window, 0), length - window)
     positions = torch.stack([torch.arange(s, s + window) for s in starts])
     cut = {}

@@ -96,6 +96,19 @@ def test_a_classifier_batch_keeps_examples_of_different_labels():
     assert cut.inputs["input_ids"].shape == (2, 32)
 
 
+def test_a_decoder_classifier_batch_keeps_where_padding_begins():
+    """A decoder classifier reads each example's last position that is not padding (the model may read another:
+    T5Gemma's decoder reads one further): the shortest example is kept, its window holding that boundary."""
+    input_ids = torch.randint(2, 40, (8, 100), generator=torch.Generator().manual_seed(0))
+    input_ids[3, 57:] = 0  # the shortest: 57 positions, then padding
+    input_ids[5, 80:] = 0
+    batch = {"input_ids": input_ids, "attention_mask": (input_ids != 0).long(), "labels": torch.arange(8) % 3}
+    cut = certificate_batches(batch, "labels", HeadTask(SEQUENCE, pad_token_id=0), budget=64)[0]
+    assert cut.window == 32 and torch.equal(cut.inputs["labels"], torch.tensor([0, 0]))  # examples 0 and 3
+    assert torch.equal(cut.inputs["input_ids"][1], input_ids[3, 58 - 32 : 58]), "the last 31 positions and one pad"
+    assert cut.inputs["attention_mask"][1].tolist() == [1] * 31 + [0]
+
+
 def test_a_batch_not_laid_out_by_example_is_certified_whole():
     batch = _lm_batch()
     batch["cu_seq_lens_q"] = torch.tensor([0, 40, 80])  # packed sequences' boundaries: not one row per example
