@@ -87,6 +87,26 @@ def test_sample_architecture_of_an_uncertified_task_is_refused(case):
     assert result.verdict == "refused", _explain(result)
 
 
+# the certificate on a cut batch (8 input positions: 2 examples, 4 positions each, where the zoo's batches have 4 x
+# 8): the part it sees must still show what the whole batch shows (T5Gemma's classifiers read one position past the
+# decoder's last token, which only padding shows)
+CUT_SAMPLE = [
+    (Case("sequence_classification", "t5gemma", "T5GemmaForSequenceClassification"), "refused"),
+    (Case("sequence_classification", "llama", "LlamaForSequenceClassification"), "exact"),
+    (Case("causal_lm", "gpt2", "GPT2LMHeadModel"), "exact"),
+    (Case("seq2seq_lm", "t5", "T5ForConditionalGeneration"), "exact"),
+    (Case("question_answering", "bert", "BertForQuestionAnswering"), "exact"),
+    (Case("image_text_to_text", "qwen2_vl", "Qwen2VLForConditionalGeneration"), "exact"),
+]
+
+
+@pytest.mark.parametrize("case, verdict", CUT_SAMPLE, ids=lambda x: x.id if isinstance(x, Case) else x)
+def test_sample_architecture_certified_on_a_cut_batch_keeps_its_verdict(case, verdict, monkeypatch):
+    monkeypatch.setattr("fam_hf.certificate_batch.CERTIFICATE_POSITIONS", 8)
+    result = run_case(case)
+    assert result.verdict == verdict, _explain(result)
+
+
 def test_the_harness_calls_a_step_off_by_a_thousandth_wrong(monkeypatch):
     """A trainer whose loss is 0.1% too large is a silent wrong to the harness, whose plain step is exact."""
 
