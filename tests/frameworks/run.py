@@ -168,8 +168,8 @@ mode, model_dir, data_json, output_dir = sys.argv[1:5]
 set_seed(42)
 rows = Dataset.from_json(data_json)
 if mode == "mnrl":
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers import models
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, models
+    from sentence_transformers import SentenceTransformerTrainingArguments
     from sentence_transformers.losses import MultipleNegativesRankingLoss
 
     body = models.Transformer(model_dir)
@@ -200,8 +200,8 @@ model.save_pretrained(output_dir)
 print("trained", type(trainer).__mro__[:3])
 '''
 
-SETFIT_SCRIPT = '''"""setfit: a SetFit model (sentence-transformers body, logistic regression head), a few contrastive steps.
-python setfit_train.py MODEL_DIR DATA_JSON OUTPUT_DIR"""
+SETFIT_SCRIPT = '''"""setfit: a SetFit model (sentence-transformers body, logistic regression head), a few
+contrastive steps. python setfit_train.py MODEL_DIR DATA_JSON OUTPUT_DIR"""
 import sys
 
 from datasets import Dataset
@@ -460,7 +460,8 @@ def run_case(case: dict, venv: Path, work: Path, timeout: int) -> dict:
         except FileNotFoundError as error:
             status = f"not started: {error}"
     seconds = round(time.time() - started, 1)
-    stderr = [line for line in (logs / f"{case['name']}.err").read_text(errors="replace").splitlines() if shown_line(line)]
+    stderr = (logs / f"{case['name']}.err").read_text(errors="replace").splitlines()
+    stderr = [line for line in stderr if shown_line(line)]
     stdout = (logs / f"{case['name']}.out").read_text(errors="replace").splitlines()
     result = {
         "name": case["name"],
@@ -609,7 +610,8 @@ def run_framework(framework: str, only: set[str] | None, keep: bool, list_only: 
     try:
         cases = cases_for(framework, work)
         if only:
-            cases = [c for c in cases if c["name"] in only or any(o.endswith("*") and c["name"].startswith(o[:-1]) for o in only)]
+            prefixes = tuple(o[:-1] for o in only if o.endswith("*"))
+            cases = [c for c in cases if c["name"] in only or (prefixes and c["name"].startswith(prefixes))]
         if list_only:
             for case in cases:
                 print(f"{case['name']}: {' '.join(case['cmd'])}")
