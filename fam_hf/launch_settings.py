@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import FAM_FIELDS, FAMTrainingArguments, _parse_max_rows
+from .config_files import load_config
 from .defaults import SETTINGS_VARIABLE
 
 logger = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ def config_file_settings(args: Sequence[str], cwd: str | Path | None = None) -> 
         path = path if path.is_absolute() or cwd is None else Path(cwd) / path
         if not token.endswith(CONFIG_SUFFIXES) or not path.is_file():
             continue
-        values = _load_config(path)
+        values = load_config(path)
         if not isinstance(values, dict):
             continue
         wanted = {k: v for k, v in values.items() if isinstance(k, str) and (k.startswith("fam_") or k == "sam_rho")}
@@ -218,18 +219,6 @@ def config_file_settings(args: Sequence[str], cwd: str | Path | None = None) -> 
             asked.values[name] = convert(name, value) if isinstance(value, str) else value
             asked.sources[name] = token
     return asked
-
-
-def _load_config(path: Path) -> Any:
-    try:
-        text = path.read_text()
-        if path.suffix == ".json":
-            return json.loads(text)
-        import yaml
-
-        return yaml.safe_load(text)
-    except Exception:  # noqa: BLE001 - not a config file the launcher can read: it asks nothing
-        return None
 
 
 # ---- applying them to every training-arguments object, and checking them when training starts ----------------------

@@ -6,32 +6,30 @@ or an adapter whose weight it does not reproduce is refused when training starts
 measuring (``fam_lambda=0``).
 """
 
-import copy
 import logging
 
 import pytest
 import torch
 from datasets import Dataset
-from tiny_models import as_dataset, assert_updates_close, batch_for, build, collator, sgd_args, snapshot, updates
+from tiny_models import (
+    as_dataset,
+    assert_updates_close,
+    batch_for,
+    build,
+    collator,
+    model_loss_update,
+    sgd_args,
+    snapshot,
+    updates,
+)
 from torch import nn
 from transformers import Trainer
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from fam_hf import FAMMixin, FAMTrainer
 from fam_hf.certificate import LossMismatchError
-from fam_hf.reference import model_hessian_relative_flatness
 
 LAMBDA = 0.7
-
-
-def _model_loss_update(model, batch, fam_lambda: float, lr: float = 0.5) -> dict[str, torch.Tensor]:
-    """``-lr * grad(loss + lambda * kappa)``, kappa from the Hessian of the model's own returned loss."""
-    model = copy.deepcopy(model)
-    model.train()
-    total = model(**batch).loss + fam_lambda * model_hessian_relative_flatness(model, batch, differentiable=True)
-    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
-    grads = torch.autograd.grad(total, params, allow_unused=True)
-    return {n: (-lr * g if g is not None else torch.zeros_like(p)) for n, p, g in zip(names, params, grads)}
 
 
 def _step(model, batch, tmp_path, trainer_cls=FAMTrainer, **fam):
@@ -51,8 +49,8 @@ def test_documented_logit_scale_gives_the_hessian_of_the_models_own_loss(family,
     """Granite divides the head's output by logits_scaling=8, Cohere multiplies it by logit_scale=0.25."""
     model = build(family, "causal_lm")
     batch = batch_for(model)
-    expected = _model_loss_update(model, batch, LAMBDA)
-    plain = _model_loss_update(model, batch, 0.0)
+    expected = model_loss_update(model, batch, LAMBDA)
+    plain = model_loss_update(model, batch, 0.0)
     with caplog.at_level(logging.INFO, logger="fam_hf.certificate"):
         actual, _ = _step(model, batch, tmp_path, fam_lambda=LAMBDA, fam_gradient="full")
     # transformers' causal-LM loss upcasts the logits to float32 (not float64): the brute force is float32-exact
@@ -114,7 +112,7 @@ def _scorer_batch() -> dict[str, torch.Tensor]:
 def test_a_custom_module_whose_loss_reads_the_head_as_is_is_certified_and_exact(tmp_path):
     model = ScaledScorer(scale=1.0).double()
     batch = _scorer_batch()
-    expected = _model_loss_update(model, batch, LAMBDA)
+    expected = model_loss_update(model, batch, LAMBDA)
     actual, _ = _step(
         model, batch, tmp_path, fam_lambda=LAMBDA, fam_gradient="full", fam_layer="head", fam_loss="cross_entropy"
     )
@@ -291,8 +289,8 @@ def test_losses_with_the_same_curvature_in_the_head_output_are_certified_and_exa
     the head's output: the penalty is the model's own relative flatness, checked against the brute force."""
     model = LossScorer(loss_fn).double()
     batch = _scorer_batch()
-    expected = _model_loss_update(model, batch, LAMBDA)
-    plain = _model_loss_update(model, batch, 0.0)
+    expected = model_loss_update(model, batch, LAMBDA)
+    plain = model_loss_update(model, batch, 0.0)
     actual, _ = _step(
         model, batch, tmp_path, fam_lambda=LAMBDA, fam_gradient="full", fam_layer="head", fam_loss="cross_entropy"
     )
@@ -345,7 +343,7 @@ def test_label_smoothing_through_compute_loss_func_is_certified_and_exact(tmp_pa
     model = build("bert", "sequence")
     batch = batch_for(model)
     wrapped = _ComputeLossFuncModel(model, smoothed)
-    expected = {n.removeprefix("model."): v for n, v in _model_loss_update(wrapped, batch, LAMBDA).items()}
+    expected = {n.removeprefix("model."): v for n, v in model_loss_update(wrapped, batch, LAMBDA).items()}
     before = snapshot(model)
     trainer = FAMTrainer(
         model=model,

@@ -6,7 +6,6 @@ per-sequence weighting and a z-loss (on a batch whose first rows alone would not
 penalty reproduces is still certified, and exact, when the certificate saw only a part of the batch.
 """
 
-import copy
 import functools
 import logging
 
@@ -19,6 +18,7 @@ from tiny_models import (
     build,
     collator,
     expected_update,
+    model_loss_update,
     sgd_args,
     snapshot,
     tiny_tokenizer,
@@ -32,7 +32,6 @@ from fam_hf import FAMTrainer, measure_relative_flatness
 from fam_hf.callback import RelativeFlatnessCallback
 from fam_hf.certificate import LossMismatchError
 from fam_hf.certificate_batch import certificate_batches
-from fam_hf.reference import model_hessian_relative_flatness
 from fam_hf.rows import CAUSAL_LM, SEQUENCE, HeadTask
 
 LAMBDA = 0.7
@@ -140,21 +139,12 @@ def _train(model, batch, tmp_path, **kwargs):
     return updates(before, model)
 
 
-def _model_loss_update(model, batch, fam_lambda: float, lr: float = 0.5):
-    model = copy.deepcopy(model)
-    model.train()
-    total = model(**batch).loss + fam_lambda * model_hessian_relative_flatness(model, batch, differentiable=True)
-    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
-    grads = torch.autograd.grad(total, params, allow_unused=True)
-    return {n: (-lr * g if g is not None else torch.zeros_like(p)) for n, p, g in zip(names, params, grads)}
-
-
 def test_the_model_loss_certified_on_a_cut_batch_gives_the_exact_penalty_of_the_whole_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(certificate_batch, "CERTIFICATE_POSITIONS", 64)
     model = build("llama", "causal_lm")
     model.config.max_position_embeddings = LENGTH
     batch = _lm_batch()
-    expected = _model_loss_update(model, batch, LAMBDA)
+    expected = model_loss_update(model, batch, LAMBDA)
     seen = _Seen(model)
     actual = _train(model, batch, tmp_path)
     assert_updates_close(actual, expected, rtol=1e-6)
@@ -199,7 +189,7 @@ def test_a_model_that_needs_its_whole_sequence_is_certified_on_whole_examples(tm
     monkeypatch.setattr(certificate_batch, "CERTIFICATE_POSITIONS", 64)
     model = build("llama", "causal_lm")
     batch = _lm_batch()
-    expected = _model_loss_update(model, batch, LAMBDA)
+    expected = model_loss_update(model, batch, LAMBDA)
     forward = model.forward
 
     @functools.wraps(forward)  # the Trainer keeps the columns the forward's signature names

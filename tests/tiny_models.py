@@ -16,7 +16,7 @@ from transformers import (
 
 from fam_hf import FAMTrainingArguments
 from fam_hf.head import find_head, linear_weight
-from fam_hf.reference import hessian_relative_flatness
+from fam_hf.reference import hessian_relative_flatness, model_hessian_relative_flatness
 
 VOCAB = 40
 SEQ = 6
@@ -214,6 +214,16 @@ def expected_update(
         features = features.detach()
     kappa = hessian_relative_flatness(weight, features, labels, bias, loss=loss, hold_traces=gradient == "weights")
     total = task_loss + fam_lambda * kappa
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    grads = torch.autograd.grad(total, params, allow_unused=True)
+    return {n: (-lr * g if g is not None else torch.zeros_like(p)) for n, p, g in zip(names, params, grads)}
+
+
+def model_loss_update(model, batch, fam_lambda: float, lr: float = 0.5) -> dict[str, torch.Tensor]:
+    """``-lr * grad(loss + lambda * kappa)``, kappa from the Hessian of the model's own returned loss."""
+    model = copy.deepcopy(model)
+    model.train()
+    total = model(**batch).loss + fam_lambda * model_hessian_relative_flatness(model, batch, differentiable=True)
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
     grads = torch.autograd.grad(total, params, allow_unused=True)
     return {n: (-lr * g if g is not None else torch.zeros_like(p)) for n, p, g in zip(names, params, grads)}

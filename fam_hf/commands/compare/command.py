@@ -19,6 +19,7 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ...config_files import load_config
 from ...defaults import SETTINGS_VARIABLE
 from .arms import Arm, CompareError
 
@@ -130,7 +131,7 @@ def check_config_files(command: Sequence[str], arms: Sequence[Arm], cwd: Path) -
         path = Path(token) if Path(token).is_absolute() else cwd / token
         if not path.is_file():
             continue
-        values = _load_config(path)
+        values = load_config(path)
         for name, arm_names in unset.items():
             if isinstance(values, dict) and values.get(name) is not None:
                 raise CompareError(
@@ -138,18 +139,6 @@ def check_config_files(command: Sequence[str], arms: Sequence[Arm], cwd: Path) -
                     f"(the penalty calibrated from fam_share); a command-line flag cannot unset a value a config file "
                     f"sets. Remove {name} from {token} (the plain and sam arms set it to 0 themselves)."
                 )
-
-
-def _load_config(path: Path) -> Any:
-    try:
-        text = path.read_text()
-        if path.suffix == ".json":
-            return json.loads(text)
-        import yaml
-
-        return yaml.safe_load(text)
-    except Exception:  # noqa: BLE001 - not a config we can read: the run will tell
-        return None
 
 
 def launched(command: Sequence[str]) -> list[str] | None:
