@@ -188,16 +188,23 @@ def _instrument(state: ProcessState, versions: dict[str, tuple[tuple[str, ...], 
 def _recording_init(init: Any, state: ProcessState) -> Any:
     @functools.wraps(init)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **kwargs)
         cls = type(self)
         trainer = TrainerRecord(
             f"{cls.__module__}.{cls.__qualname__}",
             sam_capable=isinstance(self, SAMMixin),
-            rank=int(getattr(self.args, "process_index", 0) or 0),
             pid=os.getpid(),
             asked={name: state.asked.source(name) for name in state.asked.values},
         )
+        try:
+            init(self, *args, **kwargs)
+        except Exception as error:  # FAM refused the trainer when it was built: the record says so
+            trainer.refused = refusal(error) and str(error).split("\n")[0]
+            if trainer.refused:
+                state.record.trainers.append(trainer)
+            raise
+        trainer.rank = int(getattr(self.args, "process_index", 0) or 0)
         trainer.settings = self.args.fam_settings()
+        trainer.off = getattr(self, "_fam_off", None)
         state.record.trainers.append(trainer)
         self.add_callback(LaunchRecorder(self, trainer, state.asked, on_train_end=state.after_train))
 

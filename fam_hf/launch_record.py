@@ -53,6 +53,8 @@ class TrainerRecord:
     sam_steps: int = 0
     head: str | None = None
     certified_form: str | None = None  # the loss's form the certificate agreed on, in words
+    refused: str | None = None  # FAM's refusal, when it refused the trainer (its first line)
+    off: str | None = None  # why FAM was off (fam_lambda=0 where it cannot measure)
 
     @property
     def trained(self) -> bool:
@@ -101,6 +103,9 @@ class LaunchRecord:
                 "accelerate) or another trainer class has no FAM to add. Train with one of those classes, add "
                 "fam_hf.relative_flatness to your own loss, or run the command without fam-hf launch."
             )
+        refused = next((trainer for trainer in self.trainers if trainer.refused), None)
+        if refused is not None:
+            return f"FAM never ran: it refused {refused.trainer}: {refused.refused}"
         built = ", ".join(sorted({trainer.trainer for trainer in self.trainers}))
         return (
             f"FAM never ran: {self.target} built {built} but never trained with it (train() was not called, or took "
@@ -241,7 +246,7 @@ class LaunchRecorder(TrainerCallback):
         probe = getattr(trainer, "_fam_probe", None)
         if probe is not None:
             record.head = probe.head_name
-            if "training" in getattr(trainer, "_fam_certified", ()):
+            if "training" in getattr(trainer, "_fam_agreed", ()):
                 record.certified_form = certified_form(probe.task, trainer.model)
         write_fam_config(trainer, args)
         if self.after_train is not None:
@@ -303,6 +308,9 @@ def summary(record: LaunchRecord) -> str:
     for name, group in classes.items():
         trained = [t for t in group if t.trained] or group
         first = min(trained, key=lambda t: (t.rank, t.pid))
+        if first.refused and not first.trained:
+            lines.append(f"  {name.rpartition('.')[2]}: refused: {first.refused}")
+            continue
         processes = len({t.pid for t in trained})
         steps = max(t.steps for t in trained)
         penalized = max(t.penalized_steps for t in trained)
@@ -325,7 +333,9 @@ def summary(record: LaunchRecord) -> str:
 
 def _weight(trainer: TrainerRecord) -> str:
     settings, asked = trainer.settings, trainer.asked
-    if trainer.fam_lambda == 0:
+    if trainer.off:
+        how = f"FAM off: {trainer.off.split(':')[0]}"
+    elif trainer.fam_lambda == 0:
         how = "FAM off"
     elif trainer.fam_lambda_source == "given":
         how = "given"

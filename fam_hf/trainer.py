@@ -74,7 +74,8 @@ class FAMMixin:
                 "be matched to the loss. Launch one process per GPU instead (torchrun or accelerate launch: "
                 "DistributedDataParallel), or make one GPU visible (CUDA_VISIBLE_DEVICES=0)."
             )
-        self._fam_certified: set[str] = set()
+        self._fam_certified: set[str] = set()  # the batches ("training", "evaluation") the certificate settled
+        self._fam_agreed: set[str] = set()  # those on which a form fam_hf computes matched the model's loss
         self._fam_probe: FlatnessProbe | None = None
         self._fam_probe_model: torch.nn.Module | None = None
         self._fam_run: FAMRun | None = None
@@ -127,7 +128,7 @@ class FAMMixin:
                 seed=self.args.seed,
                 stream=self.args.process_index,
             )
-            self._fam_certified = set()
+            self._fam_certified, self._fam_agreed = set(), set()
             logger.info("FAM: watching the relative flatness of head %r", self._fam_probe.head_name)
         return self._fam_probe
 
@@ -376,6 +377,7 @@ class FAMMixin:
             logger.warning("%s Only measuring (fam_lambda=0): relative_flatness is that of the assumed loss.", message)
             return None
         log_certified(chosen, probe.task, where, self._fam_loss_source(), loss_name)
+        self._fam_agreed.add(where)
         probe.task = chosen.form
         return chosen if chosen.counted else None
 

@@ -4,6 +4,7 @@ installed console scripts run by name."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -103,6 +104,23 @@ def test_a_fam_refusal_prints_as_one_message_without_a_traceback(tmp_path, capsy
     monkeypatch.setenv("FAM_HF_TRACEBACK", "1")
     with pytest.raises((RuntimeError, ValueError), match="OwnLoss"):
         launch_main([str(path)])
+
+
+def test_a_trainer_refused_when_built_is_in_the_record_and_the_summary(tmp_path, capsys, monkeypatch):
+    """A trainer whose loss FAM cannot see (sentence-transformers' shape) is refused when built: the record names it
+    and the refusal; at --fam_lambda 0 it trains plainly, FAM off, and the record says why."""
+    path, record = script(tmp_path, NO_FAM_LOSS), tmp_path / "record.json"
+    monkeypatch.setenv("FAM_HF_LAUNCH_RECORD", str(record))
+    assert launch_main([str(path)]) == 1
+    (trainer,) = json.loads(record.read_text())["trainers"]
+    assert trainer["trainer"].endswith("OwnLoss") and trainer["refused"].startswith("FAM cannot see the loss OwnLoss")
+    assert json.loads(record.read_text())["problem"].startswith("FAM never ran: it refused ")
+    assert "refused to train OwnLoss: FAM cannot see the loss" in capsys.readouterr().err
+    assert launch_main(["--fam_lambda", "0", "--", str(path)]) == 0
+    (trainer,) = json.loads(record.read_text())["trainers"]
+    assert trainer["trained"] and trainer["refused"] is None and trainer["off"].startswith("FAM cannot see")
+    assert "OwnLoss: 1 process; 2 steps, 0 with the penalty; fam_lambda=0 (FAM off: FAM cannot see the loss OwnLoss " \
+        "trains on," in capsys.readouterr().err
 
 
 def test_a_model_without_a_head_is_refused_in_one_line(tmp_path, capsys):
