@@ -44,6 +44,7 @@ import contextlib
 import os
 import runpy
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -116,7 +117,7 @@ def launch(
     sys.argv = [argv0, *args]
     record, failed = None, True
     try:
-        with _environment(_child_environment(parts, asked, quiet) if top else {}):
+        with _environment(_child_environment(parts, asked, quiet) if top else {}), _exec_as_child(top):
             with instrumented(target, asked, quiet, parts) as record:
                 try:
                     run()
@@ -141,6 +142,29 @@ def launch(
     if problem:
         raise LaunchError(problem)
     return record
+
+
+@contextlib.contextmanager
+def _exec_as_child(active: bool) -> Iterator[None]:
+    """Within the block, a program that replaces itself with another (``os.exec*``: axolotl's CLI execs
+    ``accelerate launch``) runs that one as a child process instead, and exits with its status: the launcher then
+    still combines the records of the process tree and reports. Only in the top launcher (``active``)."""
+    if not active:
+        yield
+        return
+    saved = os.execv, os.execve
+
+    def execve(path: Any, argv: Sequence[Any], env: Mapping[str, str] | None = None) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        raise SystemExit(subprocess.run(list(argv), executable=path, env=env).returncode)
+
+    os.execv = lambda path, argv: execve(path, argv)  # os.execl, execlp, execvp and execvpe all end in these two
+    os.execve = execve
+    try:
+        yield
+    finally:
+        os.execv, os.execve = saved
 
 
 def _runner(target: str, module: bool) -> tuple[Callable[[], Any], str]:

@@ -45,6 +45,17 @@ def test_a_command_that_relaunches_itself_under_torchrun_trains_with_fam_in_ever
     assert [t["penalized_steps"] for t in written["trainers"]] == [3, 3]
 
 
+def test_a_command_that_replaces_itself_runs_its_replacement_as_a_child_and_is_reported(tmp_path, monkeypatch, capsys):
+    """axolotl's CLI execs ``accelerate launch``: the launcher runs the replacement as a child, waits, and still
+    combines the records and prints what FAM did (an exec would have ended the launcher with it)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    record = launch(str(SCRIPTS / "exec_self.py"), [str(tmp_path / "out"), "2"], report=True)
+    (trainer,) = record.trainers
+    assert trainer.trained and trainer.pid != os.getpid() and trainer.penalized_steps == 2
+    reported = capsys.readouterr().err
+    assert "fam-hf launch: what FAM did\n  FAMTrainer: 1 process; 2 steps, 2 with the penalty" in reported
+
+
 def test_a_multiprocessing_spawn_child_trains_with_fam(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     record = launch(str(SCRIPTS / "spawn_child.py"), [str(tmp_path / "out")])
