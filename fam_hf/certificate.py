@@ -459,13 +459,20 @@ def isolated_rerun(model: nn.Module, device: torch.device | None = None) -> Iter
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = [device] if device is not None and device.type == "cuda" else []
     device_type = device.type if device is not None else "cpu"
+    # accelerate's mixed precision wraps the model's forward in an autocast of its own, which an outer one cannot
+    # switch off: the rerun calls the forward it wrapped (a fused head's product would be in bf16 otherwise)
+    autocast_forward = vars(model).get("forward") if hasattr(model, "_original_forward") else None
     global _RERUNS
     with torch.random.fork_rng(devices=devices), torch.autocast(device_type, enabled=False):
         _RERUNS += 1
+        if autocast_forward is not None:
+            model.forward = model._original_forward
         try:
             yield
         finally:
             _RERUNS -= 1
+            if autocast_forward is not None:
+                model.forward = autocast_forward
             with torch.no_grad():
                 for buffer, saved in buffers:
                     buffer.copy_(saved)

@@ -73,3 +73,21 @@ def test_sam_logs_trl_metrics_of_the_first_pass_only(tmp_path):
     # the first pass is the same computation at the same weights in both runs
     for key in ("entropy", "mean_token_accuracy", "loss", "task_loss", "relative_flatness"):
         assert sam[key] == pytest.approx(plain[key], rel=1e-6), key
+
+
+def test_trl_default_bf16_autocast_is_certified_and_trains_with_the_penalty(tmp_path):
+    """TRL's SFTConfig turns bf16 on, and accelerate then wraps the model's forward in an autocast of its own: the
+    certificate's reruns take the unwrapped forward (the fused head's product in bf16 was off by 0.87 and refused)."""
+    model = build("llama", "causal_lm", dtype=torch.float32)
+    input_ids = torch.randint(3, 40, (8, 6), generator=torch.Generator().manual_seed(0))
+    trainer = FAMSFTTrainer(
+        model=model,
+        args=sgd_args(tmp_path, args_class=FAMSFTConfig, bf16=True, fam_share=0.01),
+        train_dataset=Dataset.from_dict({"input_ids": input_ids.tolist()}),
+        processing_class=tiny_tokenizer(),
+    )
+    trainer.train()
+    assert hasattr(trainer.model, "_original_forward"), "accelerate's autocast wrapper is what this test is about"
+    assert "training" in trainer._fam_agreed and trainer.fam_lambda > 0
+    entry = next(e for e in trainer.state.log_history if "relative_flatness" in e)
+    assert entry["relative_flatness"] > 0 and entry["fam_lambda"] == trainer.fam_lambda
