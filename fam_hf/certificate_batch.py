@@ -32,7 +32,7 @@ from .rows import CAUSAL_LM, GROUPED_KINDS, IGNORE_INDEX, HeadTask
 # Input positions (tokens, or examples of inputs without tokens) the certificate's reruns see at most; the
 # environment variable FAM_HF_CERTIFICATE_POSITIONS sets another (the zoo sweep runs with a small one, so that every
 # architecture is certified on a cut batch).
-CERTIFICATE_POSITIONS = 128
+CERTIFICATE_POSITIONS = 32
 POSITIONS_VARIABLE = "FAM_HF_CERTIFICATE_POSITIONS"
 # Never cut a sequence shorter than this many positions.
 MINIMUM_WINDOW = 4
