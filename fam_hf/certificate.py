@@ -69,7 +69,7 @@ def curvature_tolerance(dtype: torch.dtype) -> float:
     compared to that dtype's precision.
     """
     if dtype == torch.float64:
-        return 1e-6
+        return 1e-5  # a saturated softmax's curvature on a few rows is float64 rounding to ~1e-6 (MobileBert's logits)
     if dtype == torch.float32:
         return 1e-3
     return 5e-2
