@@ -127,6 +127,7 @@ def provenance(gradient: str) -> dict:
     import zoo_models
 
     import fam_hf
+    from fam_hf import certificate_batch
 
     source = Path(fam_hf.__file__).resolve().parent
 
@@ -155,6 +156,10 @@ def provenance(gradient: str) -> dict:
             "hidden_size": zoo_models.HIDDEN,
             "layers": zoo_models.LAYERS,
             "vocab_size": zoo_models.VOCAB,
+            # the certificate's bounded batch: below the zoo's 4 x 8 positions, every text batch is certified on a cut
+            "certificate_positions": int(
+                os.environ.get(certificate_batch.POSITIONS_VARIABLE) or certificate_batch.CERTIFICATE_POSITIONS
+            ),
         },
     }
 
@@ -281,6 +286,7 @@ def render(data: dict) -> str:
         "",
         _provenance_sentence(data, results),
         "",
+        *_certificate_sentence(settings),
         f"**{len(exact)} of {len(built)} built architectures exact ({100 * len(exact) / max(len(built), 1):.1f}%)**, "
         f"{sum(r['verdict'] == 'wrong' for r in results)} silently wrong (variants included).",
         "",
@@ -323,6 +329,19 @@ def render(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _certificate_sentence(settings: dict) -> list[str]:
+    """Say how much of each batch the certificate saw, where the sweep bounded it below the zoo's batches."""
+    positions = settings.get("certificate_positions")
+    if not positions or positions >= settings.get("batch", 4) * settings.get("sequence", 8):
+        return []
+    return [
+        f"The certificate saw at most {positions} input positions of each batch (`FAM_HF_CERTIFICATE_POSITIONS="
+        f"{positions}`), so every text batch was certified on a cut of it (2 examples, each cut to a window), and "
+        "the step trained on the whole batch: the part must show whatever the whole batch shows.",
+        "",
+    ]
+
+
 def _provenance_sentence(data: dict, results: list[dict]) -> str:
     """Say when and at which versions each mapping was swept (mappings swept together share a clause)."""
     groups = defaultdict(list)
@@ -339,10 +358,12 @@ def _provenance_sentence(data: dict, results: list[dict]) -> str:
             + which
         )
     sentence = "; ".join(clauses)
+    notes = "".join(f" {note}" for note in data.get("notes", []))
     return (
         sentence[0].upper()
         + sentence[1:]
         + f"; {len(results)} cases in {data.get('sweep_seconds', 0) / 60:.0f} minutes of sweeping."
+        + notes
     )
 
 
@@ -358,7 +379,8 @@ def merge(paths: list[Path]) -> dict:
     merged = {k: v for k, v in datas[0].items() if k != "results"}
     merged["sweep_seconds"] = sum(d.get("sweep_seconds", 0) for d in datas)
     if any("swept" in d for d in datas):  # shards of --mappings sweeps: each mapping's provenance from its shards
-        merged["swept"] = {m: p for d in datas for m, p in _swept(d).items()}
+        merged["swept"] = {m: p for d in datas if "swept" in d for m, p in _swept(d).items()}
+    merged["notes"] = [note for d in datas for note in d.get("notes", [])]  # e.g. cases rerun at a later commit
     merged["complete"] = all(d.get("complete", False) for d in datas) and set(order) <= set(by_id)
     merged["results"] = [by_id[i] for i in order if i in by_id] + [r for i, r in by_id.items() if i not in order]
     return merged
