@@ -88,4 +88,5 @@ def test_in_a_process_below_a_launch_a_fam_refusal_prints_as_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     assert "fam-hf launch: FAM refused to train FAMTrainer: " in result.stderr and "FAM_HF_TRACEBACK=1" in result.stderr
     (part,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]  # the process still wrote its record
-    assert part["processes"][0]["trainers"] == 0 and part["trainers"] == []
+    (trainer,) = part["trainers"]  # with the refused trainer in it
+    assert trainer["refused"].startswith("No head found") and not trainer["trained"]

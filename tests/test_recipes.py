@@ -221,14 +221,16 @@ def prompt_completion_jsonl(chat_jsonl, tmp_path_factory) -> dict[str, Path]:
     return files
 
 
-def test_causal_lm_with_lora_on_text_keeps_the_trainer_and_puts_an_adapter_on_lm_head(llama_lm, text_csv, tmp_path):
+def test_causal_lm_with_lora_on_text_keeps_the_trainer_and_in_head_mode_puts_an_adapter_on_lm_head(
+    llama_lm, text_csv, tmp_path
+):
     pytest.importorskip("peft")
     recipe = load_recipe("causal_lm")
     output = tmp_path / "run"
     argv = [
         *("--model_name_or_path", str(llama_lm), "--output_dir", str(output)),
         *("--train_file", str(text_csv["train"]), "--validation_file", str(text_csv["validation"])),
-        *("--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj,v_proj"),
+        *("--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj,v_proj", "--fam_gradient", "head"),
         *("--max_steps", "3", "--per_device_train_batch_size", "4", "--learning_rate", "5e-5", *FAST),
     ]
     trainer, _ = recipe.build_trainer(argv)
@@ -236,12 +238,12 @@ def test_causal_lm_with_lora_on_text_keeps_the_trainer_and_puts_an_adapter_on_lm
     result = recipe.main(argv)
     assert_fam_run(output, result, steps=3)
     adapter = json.loads((output / "adapter_config.json").read_text())
-    assert set(adapter["target_modules"]) == {"q_proj", "v_proj", "lm_head"}  # the head's own adapter, by default
+    assert set(adapter["target_modules"]) == {"q_proj", "v_proj", "lm_head"}  # head mode: the head's own adapter
     assert result["eval_perplexity"] == pytest.approx(np.exp(result["eval_loss"]))
     assert json.loads((output / "fam_config.json").read_text())["head"].endswith("lm_head")
 
 
-def test_causal_lm_chats_go_through_trl_with_assistant_only_loss_and_the_head_in_modules_to_save(
+def test_causal_lm_chats_go_through_trl_with_assistant_only_loss_and_in_head_mode_the_head_in_modules_to_save(
     marked_llama_lm, chat_jsonl, tmp_path
 ):
     pytest.importorskip("peft")
@@ -252,7 +254,8 @@ def test_causal_lm_chats_go_through_trl_with_assistant_only_loss_and_the_head_in
         *("--model_name_or_path", str(marked_llama_lm), "--output_dir", str(output)),
         *("--train_file", str(chat_jsonl["train"]), "--validation_file", str(chat_jsonl["validation"])),
         *("--assistant_only_loss", "true", "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj,v_proj"),
-        *("--max_steps", "3", "--per_device_train_batch_size", "4", "--learning_rate", "5e-5", *FAST),
+        *("--fam_gradient", "head", "--max_steps", "3", "--per_device_train_batch_size", "4"),
+        *("--learning_rate", "5e-5", *FAST),
     ]
     trainer, args = recipe.build_trainer(argv)
     assert isinstance(trainer, recipe.FAMSFTTrainer) and args.assistant_only_loss

@@ -13,20 +13,9 @@ import sys
 def main() -> None:
     if os.environ.get("EXECED") != "1":
         os.execvpe(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**os.environ, "EXECED": "1"})
-    from launch_classification import Generated, ModelArguments, build_model
-    from transformers import Trainer, TrainingArguments
+    from launch_classification import train_plainly
 
-    output_dir, steps = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 2
-    args = TrainingArguments(
-        output_dir=output_dir,
-        max_steps=steps,
-        per_device_train_batch_size=4,
-        use_cpu=True,
-        report_to="none",
-        disable_tqdm=True,
-        save_strategy="no",
-    )
-    Trainer(model=build_model(ModelArguments()), args=args, train_dataset=Generated(16, 8, seed=0)).train()
+    train_plainly(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 2)
 
 
 if __name__ == "__main__":

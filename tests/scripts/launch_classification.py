@@ -72,6 +72,23 @@ def build_model(model_args: ModelArguments):
     return AutoModelForSequenceClassification.from_config(config)
 
 
+def train_plainly(output_dir: str, steps: int, examples: int = 16, **settings) -> None:
+    """Train the tiny classifier with transformers' plain ``Trainer`` (what the framework-shaped scripts do)."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+        **settings,
+    )
+    Trainer(model=build_model(ModelArguments()), args=args, train_dataset=Generated(examples, 8, seed=0)).train()
+
+
 def main() -> None:
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()

@@ -16,23 +16,10 @@ def main() -> None:
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
         subprocess.run([*torchrun, __file__, *sys.argv[1:]], check=True, env={**os.environ, "RELAUNCHED": "1"})
         return
-    from launch_classification import Generated, ModelArguments, build_model
-    from transformers import Trainer, TrainingArguments
+    from launch_classification import train_plainly
 
-    output_dir, steps = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3
-    args = TrainingArguments(
-        output_dir=output_dir,
-        max_steps=steps,
-        per_device_train_batch_size=4,
-        use_cpu=True,
-        ddp_backend="gloo",
-        report_to="none",
-        disable_tqdm=True,
-        save_strategy="no",
-        logging_steps=1,
-    )
-    trainer = Trainer(model=build_model(ModelArguments()), args=args, train_dataset=Generated(32, 8, seed=0))
-    trainer.train()
+    steps = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    train_plainly(sys.argv[1], steps, examples=32, ddp_backend="gloo", logging_steps=1)
 
 
 if __name__ == "__main__":
