@@ -11,9 +11,10 @@ and the assistant's end-of-turn token. The head's logits are computed only where
 
 LoRA (PEFT): rank 8 (alpha 16, dropout 0.05) on the attention's ``q_proj`` and ``v_proj`` in all 30 layers; the head
 stays frozen. FAM runs with ``fam_gradient="full"``: the penalty trains the adapters through the features and the
-predictions. In the library's default ``"head"`` mode the penalty trains only the head, so with LoRA the head needs
-an adapter of its own (``--fam_gradient head`` adds one; FAM refuses to start on a frozen head, since the run would be
-plain training while its logs showed a penalty). That works, but in a run this short a rank-8 adapter on the head
+predictions, which is what the library's default ``"auto"`` resolves to on this frozen head. In ``"head"`` mode the
+penalty trains only the head, so with LoRA the head needs an adapter of its own (``--fam_gradient head`` adds one; FAM
+refuses an explicit ``"head"`` on a frozen head, since the run would be plain training while its logs showed a
+penalty). That works, but in a run this short a rank-8 adapter on the head
 barely moves relative flatness: in pilots of 16 steps, ``head`` at ``fam_share=1.0`` lowered it by 0.2%, while
 ``full`` lowered it by 4% at ``fam_share=0.1`` (eval loss 3.622 against 3.618) and by 23% at 1.0 (eval loss 4.18: too
 much). So the FAM run uses ``fam_share=0.1`` (a hundred times the library default) and ``fam_gradient="full"``.
