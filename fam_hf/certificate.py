@@ -219,7 +219,8 @@ def model_curvature(
     probes = probe_points(z0.to(torch.float64), seed)
     # float64 throughout where the model allows it; then float64 with the model's own .float() casts (a model that
     # mixes them with float32 tensors); then the dtype of its output (a fused kernel that multiplies in its weight's
-    # dtype) or float32 where float64 does not fit in memory
+    # dtype) or float32 where float64 fails. Memory never chooses: the rerun sees a bounded part of the batch
+    # (certificate_batch.py), and on a CPU running out of memory is no exception
     attempts = [(torch.float64, True), (torch.float64, False)]
     attempts.append((z0.dtype if z0.dtype in (torch.float32, torch.float64) else torch.float32, False))
     attempts.append((torch.float32, False))
