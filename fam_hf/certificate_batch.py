@@ -13,8 +13,9 @@ rows it is shown. So the reruns see at most :data:`CERTIFICATE_POSITIONS` input 
 - where cutting made counted lengths equal that differed in the batch, the shorter examples' windows ignore some of
   their labels, so the windows' counted lengths keep the batch's order.
 
-Every input tensor must be cut alike: a batch with a tensor that is not laid out by example (packed sequences'
-``cu_seq_lens``, say) is certified whole. The certificate is self-consistent on the part it sees (the model's loss
+Every input tensor must be cut alike: a batch with a tensor that is not laid out by example is certified whole, but
+for sequences packed into one row (``position_ids`` that restart, ``cu_seq_lens_*``), whose boundaries are cut with
+the window. The certificate is self-consistent on the part it sees (the model's loss
 and the assumed one read the same inputs), and the normalization is compared in that part's units (see
 :attr:`CertificateBatch.whole`).
 """
@@ -36,6 +37,9 @@ CERTIFICATE_POSITIONS = 32
 POSITIONS_VARIABLE = "FAM_HF_CERTIFICATE_POSITIONS"
 # Never cut a sequence shorter than this many positions.
 MINIMUM_WINDOW = 4
+# What a collator that packs sequences into one row adds (transformers' DataCollatorWithFlattening): the sequences'
+# boundaries and the longest sequence, for flash attention's variable-length kernels.
+PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 @dataclass
@@ -70,7 +74,7 @@ def certificate_batches(
         return [whole]
     keep = max(2, budget // per_example) if length is not None else max(2, budget // 64)
     chosen = _choose_examples(inputs, labels, size, min(keep, size), task)
-    examples = {k: _take(v, chosen) for k, v in inputs.items()}
+    examples = {k: v if k in PACKED_KEYS else _take(v, chosen) for k, v in inputs.items()}
     candidates = [CertificateBatch(examples, whole=False, examples=len(chosen))]
     window = max(budget // len(chosen), MINIMUM_WINDOW)
     if length is not None and length > window and task.kind not in GROUPED_KINDS:
@@ -89,8 +93,11 @@ def _batch_size(inputs: dict[str, Any], label_key: str | None) -> int | None:
 
 
 def _by_example(inputs: dict[str, Any], size: int) -> bool:
-    """Whether every input is laid out by example (or is a scalar), so that examples can be taken from all alike."""
-    for value in inputs.values():
+    """Whether every input is laid out by example (or is a scalar), so that examples can be taken from all alike;
+    the boundaries of sequences packed into one row (``cu_seq_lens_*``) are cut with it (:func:`_packed_window`)."""
+    for key, value in inputs.items():
+        if key in PACKED_KEYS and size == 1:
+            continue
         if isinstance(value, torch.Tensor):
             if value.dim() >= 1 and value.shape[0] != size:
                 return False
@@ -170,8 +177,10 @@ def _cut(
             last = int(marked.max()) + 1 + past if marked.numel() else length
             starts[k] = min(max(last - window, 0), length - window)
     positions = torch.stack([torch.arange(s, s + window) for s in starts])
-    cut = {}
+    cut = _packed_window(inputs, starts[0], window) if size == 1 else {}
     for key, value in inputs.items():
+        if key in cut:
+            continue
         if isinstance(value, torch.Tensor) and value.dim() >= 2:
             for dim in range(1, value.dim()):
                 if value.shape[dim] == length:
@@ -181,6 +190,25 @@ def _cut(
         cut[label_key] = _keep_counted_order(labels, cut[label_key], task)
         if not bool((cut[label_key] != IGNORE_INDEX).any()):
             return None
+    return cut
+
+
+def _packed_window(inputs: dict[str, Any], start: int, window: int) -> dict[str, Any]:
+    """The packing keys of one row of packed sequences, for its positions ``start .. start + window``: the sequence
+    boundaries inside the window (and the longest sequence there), so that the model and the loss see the window's
+    sequences as they see the batch's."""
+    cut: dict[str, Any] = {}
+    for suffix in ("q", "k"):
+        boundaries = inputs.get(f"cu_seq_lens_{suffix}")
+        if not isinstance(boundaries, torch.Tensor) or boundaries.dim() != 1:
+            continue
+        inside = (boundaries - start).clamp(0, window)
+        edges = torch.unique(torch.cat([inside, inside.new_tensor([0, window])]))
+        cut[f"cu_seq_lens_{suffix}"] = edges.to(boundaries.dtype)
+        if f"max_length_{suffix}" in inputs:
+            longest = edges.diff().max()
+            given = inputs[f"max_length_{suffix}"]
+            cut[f"max_length_{suffix}"] = longest.to(given) if isinstance(given, torch.Tensor) else int(longest)
     return cut
 
 

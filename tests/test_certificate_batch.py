@@ -108,6 +108,30 @@ def test_a_decoder_classifier_batch_keeps_where_padding_begins():
     assert cut.inputs["attention_mask"][1].tolist() == [1] * 31 + [0]
 
 
+def test_sequences_packed_into_one_row_are_cut_with_their_boundaries():
+    """DataCollatorWithFlattening's row of packed sequences (40, 30, 50 and 40 tokens, each labelled after its first
+    token): the window holds the last counted labels, and the boundaries and the longest sequence are the window's."""
+    ids = torch.randint(2, 40, (1, 160), generator=torch.Generator().manual_seed(0))
+    starts = [0, 40, 70, 120]
+    position_ids = torch.cat([torch.arange(n) for n in (40, 30, 50, 40)])[None]
+    labels = ids.clone()
+    labels[0, starts] = -100
+    batch = {
+        "input_ids": ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "cu_seq_lens_q": torch.tensor([0, 40, 70, 120, 160], dtype=torch.int32),
+        "cu_seq_lens_k": torch.tensor([0, 40, 70, 120, 160], dtype=torch.int32),
+        "max_length_q": 50,
+        "max_length_k": 50,
+    }
+    cut = certificate_batches(batch, "labels", HeadTask(CAUSAL_LM), budget=64)[0]
+    assert not cut.whole and cut.window == 64  # one row: the window is the budget, positions 96 .. 160
+    assert torch.equal(cut.inputs["position_ids"], position_ids[:, 96:])
+    assert cut.inputs["cu_seq_lens_q"].tolist() == [0, 24, 64] and cut.inputs["cu_seq_lens_q"].dtype == torch.int32
+    assert cut.inputs["max_length_k"] == 40
+
+
 def test_a_batch_not_laid_out_by_example_is_certified_whole():
     batch = _lm_batch()
     batch["cu_seq_lens_q"] = torch.tensor([0, 40, 80])  # packed sequences' boundaries: not one row per example
