@@ -54,6 +54,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.shapes import SMOLLM2  # noqa: E402
+
 ARMS = ("plain", "fam", "fam-fixed")
 FAM_LAMBDA = 0.01  # the fam-fixed arm's weight (the value does not change the cost)
 GIB = 1024**3
@@ -72,17 +74,6 @@ class Shape:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-SMOLLM2 = dict(  # SmolLM2-135M: 576 hidden, 30 layers, 49,152 vocabulary, tied embeddings
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    max_position_embeddings=8192,
-    tie_word_embeddings=True,
-    rms_norm_eps=1e-5,
-)
 VOCAB128K = dict(  # Llama-3's 128,256-token vocabulary on a small body, untied
     vocab_size=128256,
     hidden_size=512,

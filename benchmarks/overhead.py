@@ -56,6 +56,7 @@ from benchmarks.common import (
     setup_torch,
     write_json,
 )  # noqa: E402
+from benchmarks.shapes import SMOLLM2  # noqa: E402
 
 # "fam": FAMTrainer at the library's defaults (head mode, fam_max_rows="auto": exact for classifiers, a row sample
 # for a language model's head). "fam-<mode>": the exact penalty (every row) in that gradient mode.
@@ -92,17 +93,7 @@ def model_specs(quick: bool = False) -> dict[str, ModelSpec]:
     2 rounds each.
     """
     minilm_batch = 8 if quick else 16
-    smollm = dict(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=4 if quick else 30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
-    )
+    smollm = dict(SMOLLM2, num_hidden_layers=4 if quick else 30, max_position_embeddings=2048)
 
     def smollm_spec(name: str, batch_size: int, seq_len: int) -> ModelSpec:
         layers = smollm["num_hidden_layers"]

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .certificate_batch import CertificateBatch
+from .flatness import _counted_rows as counted_rows_mask
 from .probe import task_sums
 from .rows import CAUSAL_LM, GROUPED_KINDS, IGNORE_INDEX, SEQUENCE, HeadTask
 
@@ -274,20 +275,20 @@ def certified_curvature(
 ) -> tuple[Curvature | None, CertificateBatch]:
     """:func:`model_curvature` on the first of ``batches`` (:func:`fam_hf.certificate_batch.certificate_batches`)
     the model runs on: ``run_loss(inputs)`` computes the loss of one. Returns the curvature and that batch."""
-    for index, batch in enumerate(batches):
+    for batch, following in zip(batches, batches[1:]):
         try:
             rerun = functools.partial(run_loss, batch.inputs)
             return model_curvature(rerun, replacing, guard, fused_logits, seed), batch
         except Exception as error:  # the model needs what the cut left out (its whole sequence, say)
-            if index == len(batches) - 1:
-                raise
+            reason = str(error).split("\n")[0]
             logger.info(
                 "FAM: the certificate's rerun on %s failed (%s); trying %s.",
                 _described(batch),
-                str(error).split("\n")[0],
-                _described(batches[index + 1]),
+                reason,
+                _described(following),
             )
-    raise ValueError("no batch to certify on")
+    last = batches[-1]
+    return model_curvature(functools.partial(run_loss, last.inputs), replacing, guard, fused_logits, seed), last
 
 
 def _described(batch: CertificateBatch) -> str:
@@ -350,9 +351,10 @@ def counted_rows(task: HeadTask, output: torch.Tensor, inputs: dict[str, Any], l
     if labels is None:
         return 0.0
     _, rows, row_labels = task.select(output, output, inputs, labels)
-    if task.loss_for(labels) == "cross_entropy" and not row_labels.is_floating_point():
-        return float((row_labels != IGNORE_INDEX).sum())
-    return float(rows.reshape(-1, rows.shape[-1]).shape[0])
+    rows = rows.reshape(-1, rows.shape[-1])
+    if task.loss_for(labels) == "cross_entropy":
+        return float(counted_rows_mask(row_labels, rows, IGNORE_INDEX).sum())
+    return float(rows.shape[0])
 
 
 def assumed_loss(task: HeadTask, logits: torch.Tensor, inputs: dict[str, Any], labels: torch.Tensor | None):

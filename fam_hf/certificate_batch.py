@@ -75,7 +75,8 @@ def certificate_batches(
     keep = max(2, budget // per_example) if length is not None else max(2, budget // 64)
     chosen = _choose_examples(inputs, labels, size, min(keep, size), task)
     examples = {k: v if k in PACKED_KEYS else _take(v, chosen) for k, v in inputs.items()}
-    candidates = [CertificateBatch(examples, whole=False, examples=len(chosen))]
+    # whole examples are a part only where some were left out (not one row of packed sequences)
+    candidates = [CertificateBatch(examples, whole=False, examples=len(chosen))] if len(chosen) < size else []
     window = max(budget // len(chosen), MINIMUM_WINDOW)
     if length is not None and length > window and task.kind not in GROUPED_KINDS:
         cut = _cut(examples, label_key, length, window, task)

@@ -63,7 +63,7 @@ from .launch_instrument import (
     instrumented,
     refusal,
 )
-from .launch_record import LaunchRecord, TrainerRecord, combine, summary, write_part
+from .launch_record import LaunchRecord, TrainerRecord, combine, process_rank, summary, write_part
 from .launch_settings import (
     SETTINGS_VARIABLE,
     AskedSettings,
@@ -130,7 +130,7 @@ def launch(
                     if top:
                         record = combine(record, parts, [target, *args])
                         _write_record(record)
-                        if report and not failed and record.trainers and _rank() == 0:
+                        if report and not failed and record.trainers and process_rank() == 0:
                             print(summary(record), file=sys.stderr)
                     elif parts:
                         write_part(record, parts)
@@ -236,16 +236,12 @@ def _environment(changes: Mapping[str, str | None]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0") or 0)
-
-
 def _write_record(record: LaunchRecord) -> None:
     """Write the record to ``$FAM_HF_LAUNCH_RECORD`` (the main process's only), if it is set."""
     import json
 
     path = os.environ.get(RECORD_VARIABLE)
-    if not path or _rank() != 0:
+    if not path or process_rank() != 0:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(record.to_json(), indent=2, default=str))

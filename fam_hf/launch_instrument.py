@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import FAMTrainingArguments
-from .launch_record import LaunchRecord, LaunchRecorder, TrainerRecord, write_part
+from .launch_record import LaunchRecord, LaunchRecorder, TrainerRecord, process_rank, write_part
 from .launch_settings import AskedSettings, LaunchError, SettingsApplier
 from .sam import SAMMixin
 from .seq2seq import FAMSeq2SeqTrainer, FAMSeq2SeqTrainingArguments
@@ -251,7 +251,7 @@ def _show_fam_info(undo: _Undo) -> None:
     logger.addHandler(handler)
     level = logger.level
     undo.steps.append(lambda: (logger.removeHandler(handler), logger.setLevel(level)))
-    if level == logging.NOTSET and int(os.environ.get("RANK", "0") or 0) == 0:
+    if level == logging.NOTSET and process_rank() == 0:
         logger.setLevel(logging.INFO)
 
 

@@ -128,15 +128,16 @@ def process_entry(record: LaunchRecord, command: Sequence[str] | None = None) ->
     mine = [t for t in record.trainers if t.pid == os.getpid()]
     return {
         "pid": os.getpid(),
-        "rank": _rank("RANK"),
-        "local_rank": _rank("LOCAL_RANK"),
+        "rank": process_rank("RANK"),
+        "local_rank": process_rank("LOCAL_RANK"),
         "command": " ".join(command if command is not None else sys.argv)[:300],
         "trainers": len(mine),
         "trained": sum(t.trained for t in mine),
     }
 
 
-def _rank(name: str) -> int:
+def process_rank(name: str = "RANK") -> int:
+    """This process's rank (or ``LOCAL_RANK``) as the launcher of the process tree set it; 0 alone."""
     try:
         return int(os.environ.get(name, "0") or 0)
     except ValueError:
@@ -224,7 +225,7 @@ class LaunchRecorder(TrainerCallback):
         value = run.last_relative_flatness
         if value is not None and (record.relative_flatness_first is None or value.device.type == "cpu"):
             # one read at the first step; on an accelerator the others wait for a log or the end (a read synchronizes)
-            record.relative_flatness_last = _float(value)
+            self._read_last()
             if record.relative_flatness_first is None:
                 record.relative_flatness_first = record.relative_flatness_last
 
@@ -275,14 +276,8 @@ def write_fam_config(trainer: Any, args: Any) -> None:
     path = Path(args.output_dir) / FAM_CONFIG_NAME
     if path.exists():
         return
-    probe = getattr(trainer, "_fam_probe", None)
-    settings = {
-        **args.fam_settings(),
-        "resolved_fam_lambda": trainer.fam_lambda,
-        "head": probe.head_name if probe is not None else None,
-    }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2))
+    path.write_text(json.dumps(trainer.fam_config(), indent=2))
 
 
 def _float(value: Any) -> float | None:

@@ -282,8 +282,9 @@ class FAMMixin:
             run.pending = None
             # what the Trainer did to the loss after compute_loss (divide by the accumulation steps, or not)
             factor = torch.where(total != 0, step_loss.detach().to(total.dtype) / total, torch.zeros_like(total))
-            add_to(run.window, task_loss=task_loss * factor, relative_flatness=penalty * factor)
-            run.last_relative_flatness = (penalty * factor).detach()
+            relative_flatness = penalty * factor
+            add_to(run.window, task_loss=task_loss * factor, relative_flatness=relative_flatness)
+            run.last_relative_flatness = relative_flatness
             if run.fam_lambda:
                 run.penalized_batches += 1
         return step_loss
@@ -336,8 +337,7 @@ class FAMMixin:
         """
         probe = self.fam_probe()
         run = self._fam_run
-        label_names = getattr(self, "label_names", None) or ["labels"]
-        batches = certificate_batches(dict(inputs), label_names[0] if len(label_names) == 1 else None, probe.task)
+        batches = certificate_batches(dict(inputs), self._fam_label_key(), probe.task)
 
         def run_loss(batch_inputs: dict[str, Any]) -> torch.Tensor:
             result = super(FAMMixin, self).compute_loss(
@@ -420,9 +420,14 @@ class FAMMixin:
             )
         return seen[0]
 
-    def _fam_labels(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+    def _fam_label_key(self) -> str | None:
+        """The input that holds the labels of the head's loss (``None`` for several label columns)."""
         names = getattr(self, "label_names", None) or ["labels"]
-        labels = inputs.get(names[0]) if len(names) == 1 else None
+        return names[0] if len(names) == 1 else None
+
+    def _fam_labels(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        key = self._fam_label_key()
+        labels = inputs.get(key) if key is not None else None
         return labels if isinstance(labels, torch.Tensor) else None
 
     def _fam_sentinel(self, run: FAMRun, num_items_in_batch) -> torch.Tensor | None:
@@ -563,13 +568,13 @@ class FAMMixin:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
-            settings = {
-                **self.args.fam_settings(),
-                "resolved_fam_lambda": self.fam_lambda,
-                "head": None if self._fam_off is not None else self.fam_probe().head_name,
-            }
             with open(os.path.join(output_dir, FAM_CONFIG_NAME), "w") as handle:
-                json.dump(settings, handle, indent=2)
+                json.dump(self.fam_config(), handle, indent=2)
+
+    def fam_config(self) -> dict[str, Any]:
+        """Return what ``fam_config.json`` holds beside a saved model: the settings, the resolved lambda, the head."""
+        head = None if self._fam_off is not None else self.fam_probe().head_name
+        return {**self.args.fam_settings(), "resolved_fam_lambda": self.fam_lambda, "head": head}
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """The parent trainer's model card, with the FAM settings and what FAM did (the ``fam`` tag if it trained)."""
