@@ -11,6 +11,7 @@ examples whose label is readable from their words.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -97,6 +98,25 @@ def offline_hub(hf_home) -> None:
     assert datasets.config.HF_HUB_OFFLINE, f"datasets {too_early}"
     for cache in (huggingface_hub.constants.HF_HUB_CACHE, datasets.config.HF_DATASETS_CACHE):
         assert Path(cache).resolve().is_relative_to(hf_home.resolve()), f"a cache outside {hf_home}: {cache}"
+
+
+@pytest.fixture(autouse=True)
+def logger_levels_as_they_were():
+    """Give each test the loggers' levels as the one before found them, and restore them after it.
+
+    The recipes and scripts the tests run in this process set levels as transformers' examples do (``fam_hf``,
+    ``transformers`` and ``datasets`` at the Trainer's process log level); left in place they would decide what the
+    next test on the same worker logs, so a test's result would hang on which tests ran before it.
+    """
+    manager = logging.Logger.manager
+    saved = {name: logger.level for name, logger in manager.loggerDict.items() if isinstance(logger, logging.Logger)}
+    root_level = logging.getLogger().level
+    yield
+    for name, level in saved.items():
+        logger = manager.loggerDict.get(name)
+        if isinstance(logger, logging.Logger) and logger.level != level:
+            logger.setLevel(level)
+    logging.getLogger().setLevel(root_level)
 
 
 TOPICS = {

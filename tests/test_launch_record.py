@@ -53,6 +53,7 @@ def test_the_launch_prints_what_fam_did_and_fam_hf_info_lines_though_the_script_
     tmp_path, capsys, monkeypatch
 ):
     monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in a script's process: pytest's handlers show nothing
+    logging.getLogger("fam_hf").setLevel(logging.NOTSET)  # and fam_hf's level is not set (conftest restores it)
     framework = str(SCRIPTS / "drop_unknown_keys.py")
     assert launch_main(["--fam_share", "0.05", "--", framework, str(framework_config(tmp_path))]) == 0
     error = capsys.readouterr().err
