@@ -424,7 +424,7 @@ class RelativeFlatnessCallback(TrainerCallback):
         chosen = next((check for check in checks if check.agrees), None)
         source = f"the model ({type(module).__name__})"
         if chosen is None:
-            message = mismatch_message(checks, "evaluation", probe.head_name, source, batch.loss, True)
+            message = mismatch_message(checks, "evaluation", probe.head_name, source, batch.loss)
             logger.warning("%s Only measuring: relative_flatness is that of the assumed loss.", message)
             return True, batch
         if chosen.form != probe.task:

@@ -397,14 +397,14 @@ def describe_form(task: HeadTask, loss: str) -> str:
 
 
 def mismatch_message(
-    checks: list[FormCheck], where: str, head_name: str, source: str, loss: str, has_labels: bool
+    checks: list[FormCheck], where: str, head_name: str, source: str, loss: str, missing_labels: str | None = None
 ) -> str:
-    """Say what was compared, how far apart each form was, and the ways out."""
-    if not has_labels:
+    """Say what was compared, how far apart each form was, and the ways out. ``missing_labels``: why the batch
+    gives no labels for the head's loss, where it gives none."""
+    if missing_labels:
         return (
             f"FAM cannot certify the penalty: on the first {where} batch, {source} returned a loss that depends on "
-            f"the head {head_name!r}, but the batch has no labels for the head's loss, so fam_hf cannot tell which "
-            f"loss that is. {WAYS_OUT}"
+            f"the head {head_name!r}, but {missing_labels}, so fam_hf cannot tell which loss that is. {WAYS_OUT}"
         )
     tried = "; ".join(
         f"{describe_form(c.form, loss)}: "

@@ -337,7 +337,7 @@ class FAMMixin:
         """
         probe = self.fam_probe()
         run = self._fam_run
-        batches = certificate_batches(dict(inputs), self._fam_label_key(), probe.task)
+        batches = certificate_batches(dict(inputs), self._fam_label_key(inputs), probe.task)
 
         def run_loss(batch_inputs: dict[str, Any]) -> torch.Tensor:
             result = super(FAMMixin, self).compute_loss(
@@ -369,9 +369,8 @@ class FAMMixin:
         self._fam_certified.add(where)
         loss_name = probe.task.loss_for(labels)
         if chosen is None:
-            message = mismatch_message(
-                checks, where, probe.head_name, self._fam_loss_source(), loss_name, labels is not None
-            )
+            missing = None if labels is not None else self._fam_missing_labels(batch.inputs)
+            message = mismatch_message(checks, where, probe.head_name, self._fam_loss_source(), loss_name, missing)
             if penalize:
                 raise LossMismatchError(message)
             logger.warning("%s Only measuring (fam_lambda=0): relative_flatness is that of the assumed loss.", message)
@@ -420,13 +419,23 @@ class FAMMixin:
             )
         return seen[0]
 
-    def _fam_label_key(self) -> str | None:
-        """The input that holds the labels of the head's loss (``None`` for several label columns)."""
+    def _fam_label_key(self, inputs: dict[str, Any]) -> str | None:
+        """The input that holds the labels of the head's loss: the Trainer's one label name, or of several (LUKE's
+        ``labels`` and ``entity_labels``) the one the batch has; ``None`` where the batch has several."""
         names = getattr(self, "label_names", None) or ["labels"]
+        if len(names) > 1:
+            names = [name for name in names if isinstance(inputs.get(name), torch.Tensor)]
         return names[0] if len(names) == 1 else None
 
+    def _fam_missing_labels(self, inputs: dict[str, Any]) -> str:
+        """Why :meth:`_fam_labels` found no labels in ``inputs``, in words."""
+        present = [name for name in getattr(self, "label_names", None) or [] if isinstance(inputs.get(name), torch.Tensor)]
+        if len(present) > 1:
+            return f"the batch has several label inputs ({', '.join(present)}) and fam_hf cannot tell which one it reads"
+        return "the batch has no labels for the head's loss"
+
     def _fam_labels(self, inputs: dict[str, Any]) -> torch.Tensor | None:
-        key = self._fam_label_key()
+        key = self._fam_label_key(inputs)
         labels = inputs.get(key) if key is not None else None
         return labels if isinstance(labels, torch.Tensor) else None
 

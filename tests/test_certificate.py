@@ -180,6 +180,35 @@ def test_a_loss_computed_outside_the_model_is_refused_or_measured_with_a_warning
     assert "the batch has no labels for the head's loss" in caplog.text
 
 
+def _with_a_second_label_input(model):
+    """The model, its forward also taking ``aux_labels`` (ignored): the Trainer then finds two label names, as it
+    does for LUKE's masked LM (``labels`` and ``entity_labels``)."""
+
+    class WithAuxLabels(type(model)):
+        def forward(self, input_ids=None, attention_mask=None, labels=None, aux_labels=None, **kwargs):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    model.__class__ = WithAuxLabels
+    return model
+
+
+def test_of_several_label_names_the_one_the_batch_has_holds_the_labels_and_the_step_is_exact(tmp_path):
+    model = _with_a_second_label_input(build("bert", "sequence"))
+    batch = batch_for(model)
+    expected = model_loss_update(model, batch, LAMBDA)
+    actual, trainer = _step(model, batch, tmp_path, fam_lambda=LAMBDA, fam_gradient="full")
+    assert trainer.label_names == ["labels", "aux_labels"]
+    assert_updates_close(actual, expected, rtol=1e-9)
+
+
+def test_a_batch_with_several_label_inputs_is_refused_naming_them(tmp_path):
+    model = _with_a_second_label_input(build("bert", "sequence"))
+    batch = batch_for(model)
+    batch["aux_labels"] = batch["labels"].clone()
+    with pytest.raises(LossMismatchError, match=r"several label inputs \(labels, aux_labels\)"):
+        _step(model, batch, tmp_path, fam_lambda=LAMBDA)
+
+
 def test_fam_on_trl_dpo_is_refused_with_the_callback_as_the_way_to_measure(tmp_path):
     """DPO's preference loss never runs the head (TRL 1.x scores through a fused LM head): FAM cannot penalize it."""
     trl = pytest.importorskip("trl")

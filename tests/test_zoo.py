@@ -37,6 +37,7 @@ SAMPLE = [
     Case("seq2seq_lm", "marian", "MarianMTModel"),
     Case("masked_lm", "bert", "BertForMaskedLM"),
     Case("masked_lm", "modernbert", "ModernBertForMaskedLM"),
+    Case("masked_lm", "luke", "LukeForMaskedLM"),  # two label names (labels, entity_labels); the batch has one
     Case("image_classification", "vit", "ViTForImageClassification"),
     Case("image_classification", "convnext", "ConvNextForImageClassification"),
     Case("question_answering", "bert", "BertForQuestionAnswering"),
