@@ -75,15 +75,21 @@ def parse_arguments(dataclass_types: tuple[type, ...], argv: list[str] | None = 
 
 
 def setup_logging(training_args: transformers.TrainingArguments) -> None:
-    """Log at the Trainer's level on the main process and warnings elsewhere, for transformers and datasets too."""
+    """Log at the Trainer's level on the main process and warnings elsewhere, for transformers and datasets too.
+
+    At the default ``log_level="passive"`` the main process shows fam_hf's INFO lines (the head watched, the
+    certified form, the calibrated ``fam_lambda``): what FAM decided is part of a recipe's output, as transformers'
+    examples show the Trainer's at INFO.
+    """
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%H:%M:%S",
         handlers=[logging.StreamHandler(sys.stdout)],
     )
     level = training_args.get_process_log_level()
+    passive = training_args.log_level in ("passive", -1) and training_args.should_log
     for library in (logger, logging.getLogger("fam_hf")):
-        library.setLevel(level)
+        library.setLevel(min(level, logging.INFO) if passive else level)
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
 

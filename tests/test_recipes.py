@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import sys
 import types
 from pathlib import Path
@@ -56,9 +57,10 @@ def assert_fam_run(output_dir: Path, metrics_seen: dict, steps: int) -> None:
 # ---- text classification ------------------------------------------------------------------------------------------
 
 
-def test_text_classification_on_csv_files_with_an_encoder(bert_classifier, text_csv, tmp_path):
+def test_text_classification_on_csv_files_with_an_encoder(bert_classifier, text_csv, tmp_path, caplog):
     recipe = load_recipe("text_classification")
     output = tmp_path / "run"
+    caplog.set_level(logging.NOTSET)  # the recipe sets the levels; caplog only records what they let through
     result = recipe.main(
         [
             "--model_name_or_path",
@@ -82,6 +84,8 @@ def test_text_classification_on_csv_files_with_an_encoder(bert_classifier, text_
     assert {"eval_accuracy", "eval_f1"} <= set(result) and 0 <= result["eval_accuracy"] <= 1
     config = json.loads((output / "config.json").read_text())
     assert config["id2label"] == {"0": "money", "1": "music", "2": "sport"}  # string labels became named classes
+    # what FAM decided shows at the default log_level, as the Trainer's own lines do in transformers' examples
+    assert "FAM: certified on the first training batch" in caplog.text and "FAM: fam_lambda=" in caplog.text
 
 
 def test_text_classification_from_a_yaml_config_with_a_decoder_and_custom_columns(
