@@ -155,3 +155,9 @@ def test_zoo_at_least_97_percent_of_built_architectures_are_exact():
         f"{len(exact)} of {len(built)} built architectures exact ({verdicts}); not exact: "
         + "; ".join(_explain(r) for r in built if r.verdict != "exact")
     )
+    # the text, vision and audio mappings swept before the vision-language ones were added: 98% (628 of 640 with
+    # transformers 5.25)
+    earlier = [r for r in built if r.mapping != "image_text_to_text"]
+    assert sum(r.verdict == "exact" for r in earlier) >= 0.98 * len(earlier), [
+        _explain(r) for r in earlier if r.verdict != "exact"
+    ]
