@@ -37,12 +37,15 @@ CACHE_VARIABLES = (
     "HF_EVALUATE_CACHE",
     "HF_METRICS_CACHE",
 )
+# the start-up module of every Python process the tests start (gloo's threads finish before the interpreter does)
+CHILD_SITE = Path(__file__).parent / "child_site"
 _SAVED_ENV: dict[str, str | None] = {}
 _HF_HOME: list[Path] = []
 
 
 def pytest_configure(config) -> None:
-    """Put the session offline and its Hugging Face caches in a fresh temporary folder; children inherit both.
+    """Put the session offline and its Hugging Face caches in a fresh temporary folder, and ``child_site`` on
+    ``PYTHONPATH``; children inherit all three.
 
     This runs before the test modules are collected, as it must: huggingface_hub, datasets and transformers read
     these variables once, when they are imported, and collecting the tests imports them (a session fixture, even
@@ -50,8 +53,10 @@ def pytest_configure(config) -> None:
     """
     hf_home = Path(tempfile.mkdtemp(prefix="fam_hf-tests-hf_home-"))
     _HF_HOME.append(hf_home)
+    path = os.environ.get("PYTHONPATH")
     settings: dict[str, str | None] = {
         **OFFLINE,
+        "PYTHONPATH": os.pathsep.join([str(CHILD_SITE), *([path] if path else [])]),  # see child_site/sitecustomize.py
         "HF_HOME": str(hf_home),
         "HF_DATASETS_CACHE": str(hf_home / "datasets"),
         **{name: None for name in CACHE_VARIABLES},
@@ -109,7 +114,8 @@ def logger_levels_as_they_were():
     next test on the same worker logs, so a test's result would hang on which tests ran before it.
     """
     manager = logging.Logger.manager
-    saved = {name: logger.level for name, logger in manager.loggerDict.items() if isinstance(logger, logging.Logger)}
+    # a placeholder (``fam_hf`` before anything asks for it by name) becomes a logger at NOTSET
+    saved = {name: getattr(logger, "level", logging.NOTSET) for name, logger in manager.loggerDict.items()}
     root_level = logging.getLogger().level
     yield
     for name, level in saved.items():

@@ -2,7 +2,8 @@
 
 Every child gets a free port picked at run time (never a fixed one, so two test runs can share a machine), is
 started with this Python (``python -m torch.distributed.run``, not whichever ``torchrun`` is on the PATH), and
-inherits the test session's environment (offline, caches in a temporary folder: see ``conftest.py``) minus the
+inherits the test session's environment (offline, caches in a temporary folder, ``child_site`` first on
+``PYTHONPATH``: see ``conftest.py``) minus the
 variables a launcher (torchrun, accelerate, MPI, SLURM's ``srun`` through them) sets for its own children: were
 pytest itself run under one, those would turn the one-process reference run into a rank of a world it is not in.
 """

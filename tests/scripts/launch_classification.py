@@ -88,8 +88,7 @@ def train_plainly(output_dir: str, steps: int, examples: int = 16, **settings) -
     )
     Trainer(model=build_model(ModelArguments()), args=args, train_dataset=Generated(examples, 8, seed=0)).train()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # as LLaMA-Factory does at the end: a gloo group left to the interpreter's teardown can abort the process
-        # (SIGABRT, "terminate called without an active exception": pytorch/pytorch#179291)
+        # as LLaMA-Factory does at the end of training
         torch.distributed.destroy_process_group()
 
 
