@@ -37,7 +37,7 @@ from .head import check_effective_weight, head_shape
 from .model_card import create_fam_model_card
 from .probe import BatchFlatness, FlatnessProbe
 from .reach import bypassed_loss, resolve_gradient, warn_unmeasured
-from .rows import auto_max_rows
+from .rows import QUESTION_ANSWERING, HeadTask, auto_max_rows
 from .run import FAMRun, FAMRunStarter, FAMState, LossRecorder, add_to, record_model_loss
 from .sam import SAMMixin, check_sam
 
@@ -369,7 +369,7 @@ class FAMMixin:
         self._fam_certified.add(where)
         loss_name = probe.task.loss_for(labels)
         if chosen is None:
-            missing = None if labels is not None else self._fam_missing_labels(batch.inputs)
+            missing = None if labels is not None else self._fam_missing_labels(batch.inputs, probe.task)
             message = mismatch_message(checks, where, probe.head_name, self._fam_loss_source(), loss_name, missing)
             if penalize:
                 raise LossMismatchError(message)
@@ -427,11 +427,14 @@ class FAMMixin:
             names = [name for name in names if isinstance(inputs.get(name), torch.Tensor)]
         return names[0] if len(names) == 1 else None
 
-    def _fam_missing_labels(self, inputs: dict[str, Any]) -> str:
-        """Why :meth:`_fam_labels` found no labels in ``inputs``, in words."""
+    def _fam_missing_labels(self, inputs: dict[str, Any], task: HeadTask) -> str | None:
+        """Why :meth:`_fam_labels` found no labels in ``inputs``, in words; ``None`` where none are missing (question
+        answering reads its start and end positions from the batch itself)."""
         present = [name for name in getattr(self, "label_names", None) or [] if isinstance(inputs.get(name), torch.Tensor)]
+        if task.kind == QUESTION_ANSWERING and present:
+            return None
         if len(present) > 1:
-            return f"the batch has several label inputs ({', '.join(present)}) and fam_hf cannot tell which one it reads"
+            return f"the batch has several label inputs ({', '.join(present)})"
         return "the batch has no labels for the head's loss"
 
     def _fam_labels(self, inputs: dict[str, Any]) -> torch.Tensor | None:

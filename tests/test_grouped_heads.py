@@ -1,6 +1,8 @@
 """Question answering and multiple choice: a softmax over each example's positions or choices, not over the head's
 outputs. The probe's kappa, its gradients in every mode and its task loss against the models' own losses."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -285,3 +287,33 @@ def test_fam_trainer_step_is_the_gradient_of_the_models_loss_plus_the_exact_pena
     assert_updates_close(actual, expected)
     head_name = next(n for n, p in reference.named_parameters() if p is head.weight)
     assert float((expected[head_name] + lr * plain_head).abs().max()) > 1e-3  # the penalty moves the head
+
+
+def test_a_question_answering_loss_fam_hf_cannot_compute_is_refused_with_what_was_compared(tmp_path):
+    """A z-loss on the start and end logits: the refusal compares curvatures; its start and end positions are the
+    labels the batch has (not "no labels", nor "several label inputs")."""
+    from tiny_models import as_dataset, collator, sgd_args
+
+    from fam_hf import FAMTrainer
+    from fam_hf.certificate import LossMismatchError
+
+    model, batch = _model("qa").train(), _batch("qa")
+    forward = model.forward
+
+    @functools.wraps(forward)  # the Trainer keeps the batch's columns by the forward's signature
+    def with_z_loss(*args, **kwargs):
+        output = forward(*args, **kwargs)
+        if output.loss is not None:
+            output.loss = output.loss + 0.1 * (output.start_logits.logsumexp(-1) ** 2).mean()
+        return output
+
+    model.forward = with_z_loss
+    trainer = FAMTrainer(
+        model=model,
+        args=sgd_args(tmp_path, batch_size=BATCH, fam_lambda=1.0),
+        train_dataset=as_dataset(batch),
+        data_collator=collator(model.dtype),
+    )
+    with pytest.raises(LossMismatchError, match="matches none of the forms") as refusal:
+        trainer.train()
+    assert "label" not in str(refusal.value).split("matches none of the forms")[0]
