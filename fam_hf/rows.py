@@ -267,6 +267,13 @@ class HeadTask:
         """Whether the loss's softmax runs across rows (question answering, multiple choice): see :meth:`groups`."""
         return self.kind in GROUPED_KINDS
 
+    def has_targets(self, inputs: dict[str, Any], labels: torch.Tensor | None) -> bool:
+        """Whether the batch gives this loss its targets: the labels, or a question-answering head's start and end
+        positions, which it reads from the batch itself."""
+        if self.kind == QUESTION_ANSWERING:
+            return all(isinstance(inputs.get(name), torch.Tensor) for name in ("start_positions", "end_positions"))
+        return labels is not None
+
     def loss_for(self, labels: torch.Tensor | None) -> str:
         """Return the loss name the model applies to these labels (transformers' ``problem_type`` rule)."""
         if self.loss is not None:

@@ -37,7 +37,7 @@ from .head import check_effective_weight, head_shape
 from .model_card import create_fam_model_card
 from .probe import BatchFlatness, FlatnessProbe
 from .reach import bypassed_loss, resolve_gradient, warn_unmeasured
-from .rows import QUESTION_ANSWERING, HeadTask, auto_max_rows
+from .rows import auto_max_rows
 from .run import FAMRun, FAMRunStarter, FAMState, LossRecorder, add_to, record_model_loss
 from .sam import SAMMixin, check_sam
 
@@ -369,7 +369,7 @@ class FAMMixin:
         self._fam_certified.add(where)
         loss_name = probe.task.loss_for(labels)
         if chosen is None:
-            missing = None if labels is not None else self._fam_missing_labels(batch.inputs, probe.task)
+            missing = None if probe.task.has_targets(batch.inputs, labels) else self._fam_missing_labels(batch.inputs)
             message = mismatch_message(checks, where, probe.head_name, self._fam_loss_source(), loss_name, missing)
             if penalize:
                 raise LossMismatchError(message)
@@ -419,20 +419,22 @@ class FAMMixin:
             )
         return seen[0]
 
+    def _fam_present_labels(self, inputs: dict[str, Any]) -> list[str]:
+        """The Trainer's label names that ``inputs`` holds as tensors."""
+        names = getattr(self, "label_names", None) or ["labels"]
+        return [name for name in names if isinstance(inputs.get(name), torch.Tensor)]
+
     def _fam_label_key(self, inputs: dict[str, Any]) -> str | None:
         """The input that holds the labels of the head's loss: the Trainer's one label name, or of several (LUKE's
         ``labels`` and ``entity_labels``) the one the batch has; ``None`` where the batch has several."""
         names = getattr(self, "label_names", None) or ["labels"]
         if len(names) > 1:
-            names = [name for name in names if isinstance(inputs.get(name), torch.Tensor)]
+            names = self._fam_present_labels(inputs)
         return names[0] if len(names) == 1 else None
 
-    def _fam_missing_labels(self, inputs: dict[str, Any], task: HeadTask) -> str | None:
-        """Why :meth:`_fam_labels` found no labels in ``inputs``, in words; ``None`` where none are missing (question
-        answering reads its start and end positions from the batch itself)."""
-        present = [name for name in getattr(self, "label_names", None) or [] if isinstance(inputs.get(name), torch.Tensor)]
-        if task.kind == QUESTION_ANSWERING and present:
-            return None
+    def _fam_missing_labels(self, inputs: dict[str, Any]) -> str:
+        """Why the batch gives the head's loss no labels, in words."""
+        present = self._fam_present_labels(inputs)
         if len(present) > 1:
             return f"the batch has several label inputs ({', '.join(present)})"
         return "the batch has no labels for the head's loss"

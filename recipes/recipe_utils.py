@@ -87,7 +87,7 @@ def setup_logging(training_args: transformers.TrainingArguments) -> None:
         handlers=[logging.StreamHandler(sys.stdout)],
     )
     level = training_args.get_process_log_level()
-    passive = training_args.log_level in ("passive", -1) and training_args.should_log
+    passive = training_args.log_level == "passive" and training_args.should_log
     for library in (logger, logging.getLogger("fam_hf")):
         library.setLevel(min(level, logging.INFO) if passive else level)
     datasets.utils.logging.set_verbosity(level)

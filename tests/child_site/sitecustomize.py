@@ -3,8 +3,8 @@
 A process of a distributed run gives torch.distributed's gloo threads the GIL for a moment before the interpreter
 finalizes. A gloo run-loop thread can still be releasing a finished collective (which holds Python tensors) when
 the script's last line returns; if the interpreter is finalizing by then, that thread's GIL acquire kills the
-process with SIGABRT, "terminate called without an active exception" (pytorch/pytorch#179291; seen in 1 of 5 runs
-of ``tests/scripts/fsdp2_step.py`` here, after its results were saved). At exit, while the interpreter is whole,
+process with SIGABRT, "terminate called without an active exception" (pytorch/pytorch#179291; seen in 4 of 33 runs
+of ``tests/scripts/fsdp2_step.py`` here, after its results were saved; 0 of 16 with this). At exit, while the interpreter is whole,
 this sleeps briefly, releasing the GIL, so that the thread finishes first. The script's own results are untouched.
 """
 
